@@ -1,0 +1,34 @@
+# The course in two commands:  make course  (execute every lesson)   make test  (the test suite)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= build/course
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup course test lab results bench exercises lint lock clean
+
+setup:
+	@VENV=$(VENV) bash scripts/setup.sh
+
+course: setup  ## execute every notebook in full mode into $(OUT), with a results summary
+	$(PY) -m edgellm.course run --out $(OUT)
+
+test: setup  ## the whole suite: unit, integration on the default model, every notebook in FAST mode
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lab: setup  ## JupyterLab on the course
+	$(VENV)/bin/jupyter lab --notebook-dir=.
+
+results: setup  ## re-run the recorded sweeps in results/
+	$(VENV)/bin/edgellm results --run $(SWEEPS)
+
+bench: setup  ## measure and record BENCHMARKS.md (also regenerates the llama.cpp fixture)
+	$(PY) scripts/bench.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests scripts notebooks solutions
+
+lock: setup  ## rewrite requirements.lock and environment.yml from the installed packages
+	$(PY) scripts/lock.py
+
+clean:
+	rm -rf build

