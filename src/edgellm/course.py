@@ -80,3 +80,74 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
         else:
             os.environ["EDGELLM_FAST"] = saved
     return nb
+
+
+# --------------------------------------------------------------------------------------------
+# `make course`: execute every notebook, render the browsable HTML course with a results page
+
+BUDGET_SECONDS = {"fast": {"notebooks": 45, "solutions": 30}, "full": 300}
+
+
+def run_course(out, *, fast: bool = False, only: str | None = None, render: bool = True) -> int:
+    """Execute notebooks/ then solutions/ into ``out`` and render the HTML course; return an exit code.
+
+    A notebook that fails is still rendered (its page shows the error) and makes the exit code 1.
+    ``only`` keeps the notebooks whose name contains it (e.g. ``"01_"``).
+    """
+    from pathlib import Path
+
+    from .exercises import run_notebook
+
+    out = Path(out)
+    runs, failed = [], 0
+    nbs = [p for p in course_notebooks() if only is None or only in p.name]
+    for i, path in enumerate(nbs, 1):
+        folder = path.parent.name
+        dest = out / folder / path.name
+        print(f"[{i}/{len(nbs)}] {folder}/{path.name} ({'FAST' if fast else 'full'} mode) ...",
+              flush=True)
+        run = run_notebook(path, dest, fast=fast, stop_on_error=True)
+        budget = BUDGET_SECONDS["fast"][folder] if fast else BUDGET_SECONDS["full"]
+        if run.errors:
+            e = run.errors[0]
+            status = f"error in cell {e['cell']}: {e['ename']}: {e['evalue']}"[:300]
+            failed += 1
+        else:
+            status = "ok"
+        over = "" if run.seconds <= budget else f"  (over the {budget} s budget)"
+        print(f"      {status}  {run.seconds:.1f} s{over}", flush=True)
+        runs.append({"folder": folder, "name": path.stem, "ipynb": str(dest), "status": status,
+                     "seconds": round(run.seconds, 1), "budget_seconds": budget})
+    if render:
+        from .render import render_course
+
+        render_course(out, runs, fast=fast)
+        print(f"course: {out / 'index.html'}  results: {out / 'results.html'}")
+    if failed:
+        print(f"course: {failed} notebook(s) failed", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """``python -m edgellm.course run --out build/course [--fast] [--only 01_]``."""
+    import argparse
+
+    from .errors import EdgeLLMError
+
+    p = argparse.ArgumentParser(prog="python -m edgellm.course")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute every notebook and render the HTML course")
+    r.add_argument("--out", default="build/course")
+    r.add_argument("--fast", action="store_true", help="FAST mode (fewer tokens, samples, steps)")
+    r.add_argument("--only", help="only the notebooks whose file name contains this")
+    r.add_argument("--no-render", action="store_true", help="execute only")
+    args = p.parse_args(argv)
+    try:
+        return run_course(args.out, fast=args.fast, only=args.only, render=not args.no_render)
+    except EdgeLLMError as e:
+        print(f"error: {e}", file=__import__("sys").stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,14 +75,15 @@ def windows(n_tokens: int, protocol: str = "gptq", ctx: int = 512, stride: int |
     elif protocol == "llamacpp":
         out = [Window(i * ctx, (i + 1) * ctx, ctx // 2) for i in range(n_tokens // ctx)]
     else:
-        stride = stride or ctx // 2
+        stride = ctx // 2 if stride is None else stride
         if not 1 <= stride <= ctx:
             raise EvalError(f"stride={stride} must be between 1 and ctx={ctx}")
         out, prev_end = [], 0
         for begin in range(0, n_tokens, stride):
             end = min(begin + ctx, n_tokens)
             n_new = end - prev_end  # tokens not scored by an earlier window
-            out.append(Window(begin, end, 0 if begin == 0 else end - begin - n_new - 1))
+            # stride == ctx: the first token of a window has no context inside it and is skipped
+            out.append(Window(begin, end, 0 if begin == 0 else max(0, end - begin - n_new - 1)))
             prev_end = end
             if end == n_tokens:
                 break

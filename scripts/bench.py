@@ -1,0 +1,168 @@
+"""`make bench`: measure the foundation and record it in BENCHMARKS.md (between markers).
+
+Also regenerates tests/fixtures/llamacpp_perplexity.json: llama.cpp's own llama-perplexity on an
+f32 GGUF converted from the cached default model, which a test compares with our `llamacpp`
+protocol on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgellm.data import get_tokens, load_text, sha256_text
+from edgellm.deploy import llamacpp
+from edgellm.metrics import bare_forward_seconds, peak_rss_bytes, perplexity
+from edgellm.models import cache_dir, default_gguf, ensure_cached, load_model
+from edgellm.records import versions, write_json, write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "llamacpp_perplexity.json"
+CTX, CHUNKS = 512, 16
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads{mem}, {platform.system()} {platform.machine()}"
+
+
+def llamacpp_comparison(model, tok) -> dict:
+    """llama.cpp's perplexity vs ours on the pydoc test split: tokens, scored count, PPL."""
+    text = load_text("pydoc", "test")
+    work = cache_dir() / "llama.cpp" / "compare"
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = work / "smollm2-135m-f32.gguf"
+    if not gguf.is_file():
+        llamacpp.convert_hf_to_gguf(ensure_cached(), gguf, outtype="f32")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(text)
+    try:
+        theirs = llamacpp.llama_perplexity(gguf, f.name, ctx=CTX, chunks=CHUNKS)
+    finally:
+        Path(f.name).unlink()
+    ids_llama = llamacpp.llamacpp_tokenize(gguf, text)
+    ids_ours = get_tokens("pydoc", tok, "test").tolist()
+    ours = perplexity(model, torch.tensor(ids_ours), "llamacpp", CTX, chunks=CHUNKS,
+                      progress=False)
+    fixture = {
+        "description": "llama.cpp llama-perplexity on an f32 GGUF converted (convert_hf_to_gguf.py) "
+                       "from the cached smollm2-135m, on the pydoc test split",
+        "data": "pydoc", "split": "test", "data_sha256": sha256_text(text),
+        "n_text_tokens": len(ids_llama),
+        "token_ids_sha256": hashlib.sha256(json.dumps(ids_llama).encode()).hexdigest(),
+        "ctx": CTX, "chunks": CHUNKS,
+        "command": f"llama-perplexity -m smollm2-135m-f32.gguf -f pydoc-test.txt -c {CTX} "
+                   f"-b {CTX} --chunks {CHUNKS}",
+        "llama_cpp": theirs,
+    }
+    write_json(fixture, FIXTURE)
+    return {"theirs": theirs, "ours": ours, "same_tokens": ids_llama == ids_ours}
+
+
+def throughput(model, tok, n_windows: int = 8) -> dict:
+    tokens = get_tokens("pydoc", tok, "test")
+    bare_s, n = bare_forward_seconds(model, tokens, CTX, n_windows)
+    res = perplexity(model, tokens, "gptq", CTX, chunks=n_windows, progress=False)
+    bare_s2, _ = bare_forward_seconds(model, tokens, CTX, n_windows)  # bracket the harness run
+    bare = n / min(bare_s, bare_s2)
+    return {"bare_tokens_per_s": bare, "harness_tokens_per_s": res["tokens_per_s"],
+            "ratio": res["tokens_per_s"] / bare, "n_tokens": n}
+
+
+def load_times() -> dict:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:  # cold: GGUF → fp32 safetensors cache
+        (Path(tmp) / "downloads").mkdir()
+        shutil.copy(default_gguf(), Path(tmp) / "downloads")
+        code = ("import time;t=time.perf_counter();from edgellm.models import ensure_cached;"
+                "ensure_cached(quiet=True);print(time.perf_counter()-t)")
+        env = {**os.environ, "EDGELLM_CACHE": tmp}
+        out["build_cache_s"] = float(subprocess.run([sys.executable, "-c", code], env=env,
+                                                    capture_output=True, text=True,
+                                                    check=True).stdout.split()[-1])
+    t0 = time.perf_counter()
+    load_model(quiet=True)
+    out["cached_load_s"] = time.perf_counter() - t0
+    return out
+
+
+def write_section(lines: list[str], name: str = "foundation") -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = "\n".join([begin, *lines, end])
+    if begin in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    write_text(text, path)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    torch.manual_seed(0)
+    loads = load_times()
+    model, tok = load_model(quiet=True)
+    tp = throughput(model, tok)
+    cmp = llamacpp_comparison(model, tok)
+    theirs, ours = cmp["theirs"], cmp["ours"]
+    rel = abs(ours["ppl"] - theirs["ppl"]) / theirs["ppl"]
+    v = versions()
+    lines = [
+        "## Foundation (`make bench`)",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. torch {v['torch']}, "
+        f"transformers {v['transformers']}, llama-cpp-python {llamacpp.llamacpp_version()}.",
+        "",
+        "| what | measured | goal |",
+        "|---|---|---|",
+        f"| build the fp32 cache from the GGUF (cold) | {loads['build_cache_s']:.1f} s | once |",
+        f"| load the cached default model | {loads['cached_load_s']:.2f} s | a second or two |",
+        f"| bare forward loop, ctx {CTX}, {tp['n_tokens']} tokens | "
+        f"{tp['bare_tokens_per_s']:.0f} tok/s | |",
+        f"| perplexity harness, same windows | {tp['harness_tokens_per_s']:.0f} tok/s "
+        f"({tp['ratio']:.2f}x bare) | ≥ 0.9x |",
+        f"| peak RSS of this run | {peak_rss_bytes() / 2**30:.2f} GiB | |",
+        "",
+        f"llama.cpp comparison (pydoc test split, ctx {CTX}, {CHUNKS} chunks, f32 GGUF from the cache):",
+        "",
+        "| | PPL | ± | scored tokens |",
+        "|---|---|---|---|",
+        f"| llama.cpp `llama-perplexity` | {theirs['ppl']:.4f} | {theirs['ppl_stderr']:.4f} | "
+        f"{theirs['n_tokens']} |",
+        f"| edgellm `--protocol llamacpp` | {ours['ppl']:.4f} | {ours['ppl_stderr']:.4f} | "
+        f"{ours['n_tokens']} |",
+        "",
+        f"Identical token ids: {cmp['same_tokens']}; relative PPL difference {rel:.2e} "
+        "(goal < 1e-3). Fixture: `tests/fixtures/llamacpp_perplexity.json`.",
+    ]
+    write_section(lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

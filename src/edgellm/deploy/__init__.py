@@ -1,0 +1,1 @@
+"""Deployment: llama.cpp (GGUF conversion and its tools), and later ONNX and runtimes."""

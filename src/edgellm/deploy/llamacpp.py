@@ -1,0 +1,117 @@
+"""llama.cpp's own tools, built from the llama-cpp-python source distribution.
+
+The sdist on PyPI vendors llama.cpp whole: the C++ tools (``llama-perplexity``, ``llama-quantize``,
+``llama-imatrix``, ``llama-bench``) and ``convert_hf_to_gguf.py``.  We unpack it once into the cache
+and build only the targets asked for (a few minutes on 2 cores), so comparisons run against
+llama.cpp itself rather than against a description of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from ..errors import EdgeLLMError
+from ..models import cache_dir
+
+
+class LlamaCppError(EdgeLLMError, RuntimeError):
+    pass
+
+
+def llamacpp_version() -> str:
+    """The installed llama-cpp-python version (the sdist of the same version is used)."""
+    try:
+        return metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        raise LlamaCppError("llama-cpp-python is not installed; run `make setup`") from None
+
+
+def source_dir(version: str | None = None) -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist (downloaded and unpacked once)."""
+    version = version or llamacpp_version()
+    root = cache_dir() / "llama.cpp" / version
+    src = root / "src"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".sdist-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-d", tmp, f"llama-cpp-python=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            raise LlamaCppError(f"could not download the llama-cpp-python {version} sdist: "
+                                f"{proc.stderr.strip()[-300:]}")
+        with tarfile.open(sdists[0]) as tf:
+            tf.extractall(tmp, filter="data")
+        vendored = next(Path(tmp).glob("*/vendor/llama.cpp"))
+        shutil.rmtree(src, ignore_errors=True)
+        os.replace(vendored, src)
+    return src
+
+
+def build_tools(targets=("llama-perplexity",), version: str | None = None) -> Path:
+    """Build llama.cpp targets (CPU, Release) and return the folder holding the binaries."""
+    src = source_dir(version)
+    build = src.parent / "build"
+    missing = [t for t in targets if not (build / "bin" / t).is_file()]
+    if missing:
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                       check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+                        "--target", *missing], check=True, capture_output=True)
+    return build / "bin"
+
+
+def convert_hf_to_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike,
+                       outtype: str = "f32") -> Path:
+    """Convert a Hugging Face folder to GGUF with llama.cpp's own converter."""
+    script = source_dir() / "convert_hf_to_gguf.py"
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part")
+    proc = subprocess.run([sys.executable, str(script), str(hf_dir), "--outtype", outtype,
+                           "--outfile", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LlamaCppError(f"convert_hf_to_gguf.py failed: {proc.stderr.strip()[-500:]}")
+    os.replace(tmp, out)
+    return out
+
+
+_FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
+
+
+def llama_perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, *, ctx: int = 512,
+                     chunks: int | None = None, threads: int | None = None) -> dict:
+    """Run ``llama-perplexity`` and parse its final estimate."""
+    binary = build_tools(("llama-perplexity",)) / "llama-perplexity"
+    cmd = [str(binary), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
+           "-t", str(threads or os.cpu_count() or 2)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    final, n = _FINAL.search(log), _CHUNKS.search(log)
+    if proc.returncode != 0 or not final or not n:
+        raise LlamaCppError(f"llama-perplexity failed (exit {proc.returncode}): {log[-800:]}")
+    n_chunks = int(n.group(1))
+    return {"ppl": float(final.group(1)), "ppl_stderr": float(final.group(2)),
+            "n_chunks": n_chunks, "ctx": ctx, "n_tokens": n_chunks * (ctx - 1 - ctx // 2),
+            "protocol": "llamacpp", "llama_cpp_python": llamacpp_version()}
+
+
+def llamacpp_tokenize(gguf: str | os.PathLike, text: str, *, special: bool = False) -> list[int]:
+    """Token ids from llama.cpp's own tokenizer (vocab-only load: no weights read)."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    return vocab.tokenize(text.encode("utf-8"), add_bos=False, special=special)

@@ -1,0 +1,32 @@
+"""Weight quantization: number formats, RTN, packing, size accounting, saving (lessons 02–03).
+
+Submodules are imported lazily so ``import edgellm.quant`` stays cheap:
+
+- :mod:`edgellm.quant.qtensor`  ``QTensor`` (codes + scales) and ``QuantError``
+- :mod:`edgellm.quant.rtn`      round-to-nearest min/max quantization per channel / group
+- :mod:`edgellm.quant.formats`  INTn, FP8 (E4M3, E5M2), FP4 (E2M1), NF4, MXFP4, bitsandbytes variants
+- :mod:`edgellm.quant.gguf_formats`  llama.cpp block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4)
+- :mod:`edgellm.quant.pack`     bit packing of 2/3/4/…-bit codes into bytes
+- :mod:`edgellm.quant.size`     bits per weight and bytes for a whole model
+- :mod:`edgellm.quant.modules`  fake-quant ``QuantLinear`` that swaps into a model and back
+- :mod:`edgellm.quant.save`     packed safetensors + JSON: save and reload quantized models
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "QTensor": "qtensor", "QuantError": "qtensor",
+    "minmax_params": "rtn", "quantize_codes": "rtn", "dequantize_codes": "rtn",
+    "fake_quant": "rtn", "quantize": "rtn", "fake_quantize": "rtn", "check_group_size": "rtn",
+    "apply_rtn": "rtn",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,272 @@
+"""Calibration inputs, layer by layer: the sequential loop GPTQ, AWQ and imatrix share.
+
+GPTQ's recipe (Frantar et al., 2022, and every method built on it) never runs the whole model
+on the calibration set at once.  It embeds the calibration tokens, then walks the decoder:
+
+1. run decoder layer ``i`` on the current hidden states with forward hooks on its linear layers,
+   collecting each linear's inputs (or statistics of them, such as ``XᵀX``);
+2. quantize that layer's linears;
+3. run the *quantized* layer again to get the hidden states for layer ``i + 1``.
+
+So layer ``i + 1`` is calibrated on what it will really see once everything before it is
+quantized, and only one layer's activations live in memory: ``n_samples × seq_len × hidden``
+floats (128 × 512 × 576 × 4 bytes = 151 MB for SmolLM2-135M), twice (inputs and outputs).
+
+The rotary position embeddings and the causal mask are computed once, as Hugging Face's
+``LlamaModel.forward`` does, and passed to every decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .qtensor import QuantError
+
+
+def check_calibration(calib) -> torch.Tensor:
+    """The calibration token ids as a (n_samples, seq_len) LongTensor; raises on an empty set."""
+    if calib is None:
+        raise QuantError("no calibration set given; pass calib=edgellm.get_calibration(tokenizer=tok)"
+                         " (or --calib pydoc --n-samples N --seq-len L on the command line)")
+    ids = torch.as_tensor(calib)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise QuantError(
+            f"the calibration set is empty or malformed (shape {tuple(ids.shape)}); it must be a "
+            "(n_samples, seq_len) tensor of token ids with n_samples >= 1 and seq_len >= 2, "
+            "e.g. edgellm.get_calibration(n_samples=32, seq_len=512, tokenizer=tok)")
+    if ids.shape[1] < 2:
+        raise QuantError(f"calibration seq_len={ids.shape[1]} is too short; use seq_len >= 2")
+    if ids.is_floating_point():
+        raise QuantError("the calibration set must hold integer token ids, not floats")
+    return ids.long()
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face Llama-style causal LM (``model.model.layers``)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise QuantError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
+                         "layer-wise calibration supports Llama-style Hugging Face models")
+    return layers
+
+
+def layer_linears(model, index: int) -> dict[str, nn.Linear]:
+    """The linear layers of decoder layer ``index`` by their full model name."""
+    prefix = f"model.layers.{index}."
+    layer = decoder_layers(model)[index]
+    return {prefix + n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+class LayerStream:
+    """The calibration batch flowing through the decoder, one layer at a time.
+
+    ``hidden`` (n_samples, seq_len, hidden) float32 holds the inputs of the current layer;
+    ``run(layer)`` applies a decoder layer to them (in batches of ``batch_size`` sequences) and
+    ``advance(layer)`` makes that output the next layer's input.
+    """
+
+    def __init__(self, model, calib, *, batch_size: int = 8):
+        ids = check_calibration(calib)
+        self.model = model
+        self.base = getattr(model, "model", model)
+        self.layers = decoder_layers(model)
+        self.batch_size = max(1, int(batch_size))
+        with torch.no_grad():
+            self.hidden = self.base.embed_tokens(ids).float()  # (N, T, C)
+            T = ids.shape[1]
+            self.position_ids = torch.arange(T).unsqueeze(0)  # (1, T)
+            # rotary cos/sin computed once, (1, T, head_dim) each, broadcast over the batch
+            self.position_embeddings = self.base.rotary_emb(self.hidden[:1], self.position_ids)
+        self._masks: dict[int, object] = {}
+
+    @property
+    def n_samples(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+    def mask(self, batch: int):
+        """The causal mask for a batch of ``batch`` sequences (``None`` when sdpa can skip it)."""
+        if batch not in self._masks:
+            from transformers.masking_utils import create_causal_mask
+
+            self._masks[batch] = create_causal_mask(
+                config=self.base.config, inputs_embeds=self.hidden[:batch], attention_mask=None,
+                past_key_values=None, position_ids=self.position_ids)
+        return self._masks[batch]
+
+    def layer_kwargs(self, batch: int) -> dict:
+        """Keyword arguments of a decoder layer (or its ``self_attn``) for ``batch`` sequences."""
+        return {"attention_mask": self.mask(batch), "position_ids": self.position_ids,
+                "position_embeddings": self.position_embeddings}
+
+    def slices(self, n: int | None = None):
+        """Slices of at most ``batch_size`` sequences over the first ``n`` (default all)."""
+        n = self.n_samples if n is None else min(n, self.n_samples)
+        for i in range(0, n, self.batch_size):
+            yield slice(i, min(i + self.batch_size, n))
+
+    @torch.no_grad()
+    def run(self, layer, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply a decoder layer to ``hidden`` (default: the stream's current inputs)."""
+        hidden = self.hidden if hidden is None else hidden
+        out = torch.empty_like(hidden)
+        for s in self.slices(hidden.shape[0]):
+            h = hidden[s]
+            out[s] = layer(h, use_cache=False, **self.layer_kwargs(h.shape[0]))
+        return out
+
+    @torch.no_grad()
+    def run_module(self, module, x: torch.Tensor, *, attention: bool = False) -> torch.Tensor:
+        """Apply a sub-module (``self_attn`` with ``attention=True``, an MLP, a linear) in batches."""
+        outs = []
+        for s in self.slices(x.shape[0]):
+            xb = x[s]
+            if attention:
+                y = module(hidden_states=xb, **self.layer_kwargs(xb.shape[0]))[0]
+            else:
+                y = module(xb)
+            outs.append(y)
+        return torch.cat(outs)
+
+    def advance(self, layer) -> None:
+        """Run (the now quantized) ``layer`` and make its outputs the next layer's inputs."""
+        self.hidden = self.run(layer)
+
+
+@dataclass
+class InputStats:
+    """What the hooks saw at one linear layer's input over the calibration set.
+
+    ``n``      number of input rows (tokens) seen
+    ``xtx``    (in, in) float32 Σ xᵀx over tokens, when requested (GPTQ's H = 2·xtx/n)
+    ``sq``     (in,) float32 Σ x² per input channel (the diagonal of xtx; llama.cpp's imatrix)
+    ``abs``    (in,) float32 Σ |x| per input channel (AWQ's activation magnitude)
+    ``X``      (kept, seq_len, in) raw inputs of the first ``keep`` sequences, when requested
+    ``key``    linears with the same key saw the very same input tensor (q/k/v, gate/up)
+    """
+
+    n: int = 0
+    xtx: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
+    abs: torch.Tensor | None = None
+    X: list | torch.Tensor | None = field(default=None, repr=False)
+    key: int = 0
+
+    @property
+    def H(self) -> torch.Tensor:
+        """GPTQ's Hessian of the layer-wise loss, ``H = 2 XᵀX / n`` (in, in) float32."""
+        return 2 * self.xtx / max(self.n, 1)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return self.sq / max(self.n, 1)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs / max(self.n, 1)
+
+
+@torch.no_grad()
+def collect_inputs(layer, linears: dict[str, nn.Linear], stream: LayerStream, *,
+                   xtx: bool = True, keep: int = 0) -> dict[str, InputStats]:
+    """Run ``layer`` on the stream's inputs with hooks on ``linears``; return their input stats.
+
+    Linears fed by the same tensor (q/k/v after ``input_layernorm``; gate/up after
+    ``post_attention_layernorm``) share one :class:`InputStats` object, so ``XᵀX`` is computed
+    once per distinct input, not once per linear.  ``keep`` sequences of raw inputs are kept
+    (for AWQ's searches); everything else is reduced on the fly.
+    """
+    stats: dict[str, InputStats] = {}
+    # id of this batch's input tensor -> (the tensor, kept alive so its id stays unique; stats)
+    by_tensor: dict[int, tuple[torch.Tensor, InputStats]] = {}
+    n_done = [0]  # sequences already through the layer, to know which ones to keep
+    order = {id(m): i for i, m in enumerate(linears.values())}
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0]
+            st = by_tensor.get(id(x), (None, None))[1]
+            if st is None:  # first linear to see this tensor in this batch: reduce it
+                st = stats.get(name)
+                if st is None:
+                    st = InputStats(key=order[id(module)])
+                x2 = x.reshape(-1, x.shape[-1]).float()  # (B·T, in)
+                st.n += x2.shape[0]
+                if xtx:
+                    st.xtx = x2.T @ x2 if st.xtx is None else st.xtx.addmm_(x2.T, x2)
+                st.sq = x2.square().sum(0) if st.sq is None else st.sq.add_(x2.square().sum(0))
+                st.abs = x2.abs().sum(0) if st.abs is None else st.abs.add_(x2.abs().sum(0))
+                take = min(keep - n_done[0], x.shape[0])
+                if take > 0:
+                    st.X = (st.X or []) + [x[:take].detach().float().clone()]
+                by_tensor[id(x)] = (x, st)
+            stats[name] = st
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for s in stream.slices():
+            h = stream.hidden[s]
+            by_tensor.clear()
+            layer(h, use_cache=False, **stream.layer_kwargs(h.shape[0]))
+            n_done[0] += h.shape[0]
+    finally:
+        for hd in handles:
+            hd.remove()
+    for st in {id(s): s for s in stats.values()}.values():
+        if isinstance(st.X, list):
+            st.X = torch.cat(st.X)
+    missing = [n for n in linears if n not in stats]
+    if missing:
+        raise QuantError(f"linear layers {missing} were never called in the decoder layer")
+    return stats
+
+
+def sequential(model, calib, quantize_layer, *, batch_size: int = 8, progress: bool = True,
+               desc: str = "quantize") -> LayerStream:
+    """The layer-by-layer loop: ``quantize_layer(index, layer, stream)`` then propagate.
+
+    ``quantize_layer`` sees the stream positioned at the layer's inputs (the outputs of the
+    already quantized earlier layers) and changes the layer in place; the loop then runs the
+    quantized layer to produce the next layer's inputs.
+    """
+    stream = LayerStream(model, calib, batch_size=batch_size)
+    layers = list(enumerate(stream.layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc=desc, leave=False)
+    with torch.no_grad():
+        for i, layer in layers:
+            quantize_layer(i, layer, stream)
+            stream.advance(layer)
+    return stream
+
+
+@torch.no_grad()
+def logits_from_stream(model, stream: LayerStream) -> torch.Tensor:
+    """Final norm and lm_head on the stream's hidden states (after the last layer): (N, T, V)."""
+    return model.lm_head(stream.base.norm(stream.hidden))
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor | None = None, *,
+                 H: torch.Tensor | None = None) -> float:
+    """Mean squared output error of a linear layer, ``‖(W − Q) Xᵀ‖² / n_tokens``.
+
+    ``W``, ``Q`` (out, in); either raw inputs ``X`` (..., in) or ``H = 2 XᵀX / n`` (in, in),
+    with which the error is ``tr(ΔW H ΔWᵀ) / 2`` without touching the tokens again.
+    """
+    D = (W.float() - Q.float())  # (out, in)
+    if X is not None:
+        X2 = X.reshape(-1, X.shape[-1]).float()  # (n, in)
+        return (X2 @ D.T).square().sum().item() / X2.shape[0]
+    return ((D @ H.float()) * D).sum().item() / 2

@@ -1,0 +1,260 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, 2022): quantize a layer column by column,
+correcting the not-yet-quantized columns for each column's error.
+
+For one linear layer with weights ``W`` (out, in) and calibration inputs ``X`` (n, in), GPTQ
+minimises the layer's output error ``‖W Xᵀ − Q Xᵀ‖²`` over quantized ``Q``.  Each output row is
+an independent least-squares problem with the same Hessian ``H = 2 XᵀX / n`` (in, in).
+Optimal Brain Quantization (OBQ) says: after quantizing column ``i`` to ``q_i``, the remaining
+columns ``F`` should move by
+
+    δ_F = −(w_i − q_i) / [H_F⁻¹]_ii · [H_F⁻¹]_{i,F}
+
+where ``H_F⁻¹`` is the inverse Hessian restricted to the columns not yet quantized.  GPTQ's three
+ideas make that fast and stable:
+
+1. a fixed column order (left to right, or by decreasing ``diag(H)`` with ``act_order``) for all
+   rows, so ``H_F⁻¹`` is shared by every row;
+2. the rows of the upper Cholesky factor of ``H⁻¹`` hold exactly the ``[H_F⁻¹]_{i,F} / √[H_F⁻¹]_ii``
+   needed at each step, so one Cholesky replaces all the rank-1 downdates of ``H⁻¹``;
+3. lazy batch updates: apply the updates inside a block of ``block_size`` columns immediately
+   and to the rest of the matrix once per block (one matrix product instead of many).
+
+Damping adds ``damp · mean(diag(H))`` to the diagonal so the Cholesky factorisation exists.
+Grouped quantization takes each group's scale/offset when the group's first column is reached,
+from the *updated* weights of that group (as the reference implementation does).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .calib import collect_inputs, layer_linears, sequential
+from .qtensor import QTensor, QuantError, dtype_bits
+from .rtn import check_bits, check_finite, check_group_size, minmax_params, quantize_codes
+
+
+def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, (in, in) float32."""
+    n = H.shape[0]
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)  # H⁻¹ from its Cholesky factor
+        return torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError:
+        raise QuantError(f"the damped Hessian ({n}×{n}) is not positive definite; increase damp "
+                         f"(now {damp}) or use more calibration tokens") from None
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int | None = 64,
+                  sym: bool = False, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, static_groups: bool = False,
+                  scale_dtype: torch.dtype | None = torch.float16):
+    """GPTQ-quantize one weight matrix.
+
+    ``W`` (out, in) weights; ``H`` (in, in) Hessian ``2 XᵀX / n`` of the layer's inputs.
+    ``group_size=None`` is per channel.  ``act_order`` processes columns by decreasing
+    ``diag(H)``; groups stay contiguous in the original column order, and each group's
+    parameters are taken when its first column (in processing order) is reached, from the
+    current weights of all its columns; ``static_groups=True`` takes every group's parameters
+    from the original ``W`` up front instead.
+
+    Returns ``(Q, qtensor)``: ``Q`` (out, in) float32 the dequantized weights, and the
+    :class:`QTensor` of codes, scales and offsets (``qtensor.dequantize()`` equals ``Q``).
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise QuantError(f"W must be (out, in) and H (in, in); got W {tuple(W.shape)}, "
+                         f"H {tuple(H.shape)}")
+    check_bits(bits)
+    check_finite(W)
+    check_finite(H, "the Hessian")
+    n_out, n = W.shape
+    check_group_size(n, group_size)
+    gs = n if group_size is None else group_size
+    W = W.detach().float().clone()  # (out, in), updated in place as columns are quantized
+    H = H.detach().float().clone()  # (in, in)
+
+    dead = H.diagonal() == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    G = n // gs
+    scale = torch.zeros(n_out, G)  # (out, G) chosen as the groups start
+    offset = torch.zeros(n_out, G)
+    have = torch.zeros(G, dtype=torch.bool)
+    if static_groups:  # every group from the original weights, before any update
+        s, o = minmax_params(W.reshape(n_out, G, gs), bits, sym, scale_dtype)  # (out, G, 1)
+        scale, offset, have[:] = s[..., 0], o[..., 0], True
+
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n)
+    W = W[:, perm]  # processing order
+    H = H[perm][:, perm]
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(n)  # pos[col]: where original column col is processed
+    Hinv = _hinv_cholesky(H, damp)  # (in, in) upper
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()  # (out, B) this block, updated immediately
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)  # scaled errors, for the lazy update of the rest
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # original column index
+            g = col // gs
+            if not have[g]:  # the group starts here: its parameters from its current weights
+                cols = pos[g * gs:(g + 1) * gs]  # processing positions of the group's columns
+                cur = _current(W, W1, Err1, Hinv, cols, i1, i, i2)  # (out, gs)
+                s, o = minmax_params(cur, bits, sym, scale_dtype)  # (out, 1) each
+                scale[:, g], offset[:, g], have[g] = s[:, 0], o[:, 0], True
+            w = W1[:, i]  # (out,)
+            d = Hinv1[i, i]
+            q = quantize_codes(w, scale[:, g], offset[:, g], bits, sym).float()
+            q = q * scale[:, g] + offset[:, g]  # (out,) dequantized
+            Q1[:, i] = q
+            err = (w - q) / d  # (out,)
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBQ update in the block
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
+
+    Q = Q[:, pos]  # back to the original column order, (out, in)
+    Qg = Q.reshape(n_out, G, gs)
+    codes = quantize_codes(Qg, scale.unsqueeze(-1), offset.unsqueeze(-1), bits, sym)
+    qt = QTensor(codes=codes.reshape(n_out, n), scale=scale, offset=offset, shape=(n_out, n),
+                 bits=bits, group_size=gs, sym=sym, fmt="int", scale_bits=dtype_bits(scale_dtype))
+    return Q, qt
+
+
+def _current(W, W1, Err1, Hinv, cols, i1, i, i2):
+    """Current values of the columns at processing positions ``cols`` (all ≥ i1 + i).
+
+    Columns inside the block are up to date in ``W1``; those after it still miss the lazy
+    update from the block's first ``i`` columns, which is applied here for just these columns.
+    """
+    out = torch.empty(W.shape[0], len(cols))
+    inside = cols < i2
+    out[:, inside] = W1[:, cols[inside] - i1]
+    after = cols[~inside]
+    if len(after):
+        out[:, ~inside] = W[:, after] - Err1[:, :i] @ Hinv[i1:i1 + i, after]
+    return out
+
+
+def _split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
+    """Split a QTensor of stacked weights (q/k/v or gate/up) back into one per linear."""
+    out, r = [], 0
+    for m in sizes:
+        out.append(QTensor(codes=qt.codes[r:r + m], scale=qt.scale[r:r + m],
+                           offset=qt.offset[r:r + m], shape=(m, qt.shape[1]), bits=qt.bits,
+                           group_size=qt.group_size, sym=qt.sym, fmt=qt.fmt,
+                           scale_bits=qt.scale_bits))
+        r += m
+    return out
+
+
+def bits_for(bits, name: str) -> int:
+    """``bits`` is an int for every layer, or a dict ``{name: bits}`` (mixed precision)."""
+    if isinstance(bits, dict):
+        if name not in bits:
+            raise QuantError(f"no bit width given for {name}")
+        return int(bits[name])
+    return int(bits)
+
+
+def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = False, *,
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+               static_groups: bool = False, scale_dtype: torch.dtype | None = torch.float16,
+               batch_size: int = 8, progress: bool = True) -> dict[str, QTensor]:
+    """GPTQ-quantize the decoder's linear layers in place (fake quant); return ``{name: QTensor}``.
+
+    ``calib`` (n_samples, seq_len) token ids.  Layers are processed sequentially (see
+    :mod:`edgellm.quant.calib`): each layer's Hessians come from the outputs of the already
+    quantized layers before it.  Linears that read the same input (q/k/v; gate/up) share one
+    Hessian and are quantized together as one stacked matrix (rows are independent, so this is
+    the same as quantizing them one by one, only faster).  ``bits`` may be a dict
+    ``{name: bits}``.  The tied embedding / lm_head is not quantized.
+    """
+    result: dict[str, QTensor] = {}
+
+    def quantize_layer(index, layer, stream):
+        linears = layer_linears(model, index)
+        for name, lin in linears.items():  # fail early, with the layer's name
+            try:
+                check_group_size(lin.in_features, group_size)
+                check_finite(lin.weight, name)
+            except QuantError as e:
+                raise QuantError(f"{name}: {e}") from None
+        stats = collect_inputs(layer, linears, stream, xtx=True)
+        groups: dict[tuple, list[str]] = {}
+        for name in linears:  # same input and same bits -> one stacked GPTQ problem
+            groups.setdefault((stats[name].key, bits_for(bits, name)), []).append(name)
+        for (_, b), names in groups.items():
+            Ws = [linears[n].weight for n in names]
+            Q, qt = gptq_quantize(torch.cat(Ws), stats[names[0]].H, b, group_size, sym, damp,
+                                  block_size, act_order, static_groups, scale_dtype)
+            r = 0
+            for n, w, part in zip(names, Ws, _split_rows(qt, [w.shape[0] for w in Ws])):
+                w.copy_(Q[r:r + w.shape[0]].to(w.dtype))
+                result[n] = part
+                r += w.shape[0]
+
+    sequential(model, calib, quantize_layer, batch_size=batch_size, progress=progress,
+               desc="GPTQ")
+    return {n: result[n] for n in sorted(result, key=_layer_order)}
+
+
+def _layer_order(name: str):
+    parts = name.split(".")
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
+@torch.no_grad()
+def benchmark(model=None, tok=None, *, n_samples: int = 128, seq_len: int = 512, bits: int = 4,
+              group_size: int | None = 64, methods=("gptq", "awq"), seed: int = 0,
+              batch_size: int = 8) -> dict:
+    """Time GPTQ (and AWQ) on all linears against two plain forward passes over the same tokens.
+
+    The floor: GPTQ needs one pass to collect each layer's inputs and one to propagate the
+    quantized outputs, so two plain forward passes of the full model over the calibration
+    tokens, measured in the same run, are what it is compared with.  Returns seconds, the
+    ratios and the peak RSS of the process (bytes).
+    """
+    import copy
+
+    from ..data import get_calibration
+    from ..metrics import peak_rss_bytes
+    from ..models import load_model
+
+    if model is None:
+        model, tok = load_model(quiet=True)
+    calib = get_calibration("pydoc", n_samples, seq_len, seed, tokenizer=tok)
+    t0 = time.perf_counter()
+    for _ in range(2):
+        for i in range(0, n_samples, batch_size):
+            model(input_ids=calib[i:i + batch_size], use_cache=False, logits_to_keep=1)
+    floor = time.perf_counter() - t0
+    rec = {"n_samples": n_samples, "seq_len": seq_len, "bits": bits, "group_size": group_size,
+           "seconds_two_forward": floor, "threads": torch.get_num_threads()}
+    for method in methods:
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if method == "gptq":
+            apply_gptq(m, calib, bits, group_size, batch_size=batch_size, progress=False)
+        elif method == "awq":
+            from .awq import apply_awq
+
+            apply_awq(m, calib, bits, group_size, batch_size=batch_size, progress=False)
+        else:
+            raise QuantError(f"unknown method {method!r} for the benchmark; use gptq or awq")
+        s = time.perf_counter() - t0
+        rec[f"seconds_{method}"] = s
+        rec[f"{method}_over_floor"] = s / floor
+        del m
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return rec

@@ -1,0 +1,34 @@
+"""Recorded sweeps in results/: well formed, and a sampled record reproduces from its command."""
+
+import json
+import math
+
+import pytest
+
+from edgellm.results import RESULTS_DIR, run_command, sweep_names
+
+SWEEPS = sweep_names()
+METRICS = ("ppl", "nll", "n_tokens", "kl_mean", "bpw", "size_bytes")
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_is_well_formed(name):
+    sweep = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+    assert sweep["name"] == name and sweep["description"]
+    assert [r["command"] for r in sweep["records"]] == sweep["commands"], "run `make results`"
+    for rec in sweep["records"]:
+        assert rec["command"].startswith("edgellm ") and "versions" in rec and "seed" in rec
+        assert not any(s in json.dumps(rec) for s in ("/work/", "/root/", "/home/", "/tmp/"))
+
+
+@pytest.mark.integration
+def test_a_sampled_record_reproduces():
+    """Re-run the cheapest recorded point of every sweep family and compare its metrics."""
+    records = [r for n in SWEEPS for r in json.loads((RESULTS_DIR / f"{n}.json").read_text())["records"]]
+    if not records:
+        pytest.fail("no recorded results: run `make results`")
+    rec = min(records, key=lambda r: r.get("seconds", math.inf) + r.get("seconds_quantize", 0))
+    again = run_command(rec["command"])
+    for key in METRICS:
+        if key in rec:
+            assert again[key] == pytest.approx(rec[key], rel=1e-4, abs=1e-9), key
