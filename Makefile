@@ -24,7 +24,10 @@ results: setup  ## re-run the recorded sweeps in results/
 bench: setup  ## measure and record BENCHMARKS.md (also regenerates the llama.cpp fixture)
 	$(PY) scripts/bench.py
 
-lint: setup
+exercises: setup  ## write exercises/ from solutions/ (solutions replaced by stubs, checks kept)
+	$(PY) -m edgellm.exercises generate
+
+lint: setup  ## ruff on the package, tests, scripts and notebooks
 	$(VENV)/bin/ruff check src tests scripts notebooks solutions
 
 lock: setup  ## rewrite requirements.lock and environment.yml from the installed packages

@@ -69,9 +69,8 @@ def test_perturbation_makes_an_exact_answer_fail(monkeypatch):
     want = {"w": torch.tensor([0.0, 1.5, -2.0]), "count": 7, "zeros": torch.zeros(3)}
     check("exact", want, want)                                    # passes unperturbed
     monkeypatch.setenv(ex.PERTURB_ENV, "1.01")
-    for key in want:                                              # every value type moves
-        with pytest.raises(AssertionError):
-            check(key, want[key], want[key], atol=1e-3, rtol=1e-3)
+    for key in want:                          # every value type moves; FAIL is printed, not raised
+        assert not check(key, want[key], want[key], atol=1e-3, rtol=1e-3)["passed"]
     monkeypatch.setenv(ex.PERTURB_ENV, "abc")
     with pytest.raises(ex.EdgeLLMError, match="not a number"):
         check("x", 1.0, 1.0)
@@ -173,7 +172,9 @@ def test_fixture_lab_solutions_pass_exercises_stop_and_perturbed_checks_fail(tmp
     assert stub.errors[0]["evalue"].startswith("square, average")
     bad = notebook_run(FIXTURE_LAB, "perturbed")
     rows = ex.check_results(bad.nb)
-    assert [r["status"] for r in rows] == ["FAIL"] * 3, rows
+    assert bad.errors == []                   # a perturbed FAIL prints and goes on to the next check
+    assert [(r["status"], r["failed"], r["passed"]) for r in rows] == [("FAIL", 1, 0), ("FAIL", 2, 0),
+                                                                        ("FAIL", 1, 0)], rows
     assert "max abs diff" in rows[0]["detail"]
 
 
@@ -221,16 +222,16 @@ def test_exercise_stops_only_at_a_stub(path, notebook_run):
 @pytest.mark.integration
 @pytest.mark.parametrize("path", SOLUTIONS, ids=_ids(SOLUTIONS))
 def test_every_check_fails_on_a_perturbed_answer(path, notebook_run):
-    """Each check is fed the reference answer x 1.01 (EDGELLM_PERTURB) and must fail."""
+    """Every check is fed the answer x 1.01 (EDGELLM_PERTURB=1.01) and must print FAIL.
+
+    In that mode check() prints FAIL without raising, so every check() call of every cell runs.
+    """
     run = notebook_run(path, "perturbed")
     rows = ex.check_results(run.nb)
-    lax = [r for r in rows if r["status"] != "FAIL"]
-    assert rows and not lax, f"{path.name}: these check cells did not fail on a 1% error: {lax}"
-    check_cells = {r["cell"] for r in rows}
-    other = [e for e in run.errors if e["cell"] not in check_cells]
-    assert other == [], f"{path.name}: errors outside the check cells: {other}"
-    for r in rows:
-        assert "PASS" not in ex._stdout(run.nb.cells[r["cell"]])
+    assert run.errors == [], f"{path.name}: errors in the perturbed run: {run.errors}"
+    lax = [r for r in rows if r["status"] != "FAIL" or r["passed"]]
+    assert rows and not lax, (f"{path.name}: these check cells passed an answer off by 1% "
+                              f"(tolerance too loose, or not using edgellm.exercises.check): {lax}")
 
 
 # --------------------------------------------------------------------------------------------

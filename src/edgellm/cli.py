@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live next to their technique: each module defines
 # ``add_parser(subparsers, add_eval_args)`` (setting ``func=run`` as a default) and ``run(args)``.
-COMMAND_MODULES = ()
+COMMAND_MODULES = ("edgellm.quant.cli", "edgellm.prune.cli")
 
 
 def _command_modules():
@@ -82,7 +82,7 @@ def _info() -> dict:
 
 
 def _run(args) -> dict:
-    from .metrics import evaluate_kl, evaluate_ppl
+    from .metrics import evaluate_kl, evaluate_ppl, peak_rss_bytes
     from .models import ensure_cached, load_model
 
     if getattr(args, "func", None) is not None:
@@ -113,6 +113,7 @@ def _run(args) -> dict:
         ref, _ = load_model(args.reference, quiet=args.json)
         rec = evaluate_kl(model, ref, tok, args.data, reference_name=args.reference, **common)
     rec["seconds_load"] = load_s
+    rec["peak_rss_bytes"] = peak_rss_bytes()
     return rec
 
 

@@ -158,11 +158,14 @@ def token_logprobs(model, tokens: torch.Tensor, protocol: str = "gptq", ctx: int
             ids[:, 0] = bos_id  # llama.cpp overwrites the first token of each chunk with BOS
         L, first = ids.shape[1], batch[0].first
         keep = L - first  # positions first … L-1; the last one predicts nothing we score
-        logp = forward_logits(model, ids, keep)[:, :-1].float().log_softmax(-1)  # (B, L-1-first, V)
+        logits = forward_logits(model, ids, keep)[:, :-1].float()  # (B, L-1-first, V)
         tgt = targets_src[:, first + 1:]  # (B, L-1-first)
-        out["nll"].append(-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().flatten())
+        # -log softmax at the target = logsumexp(logits) - logit[target]: no (B, T, V) copy
+        nll = torch.logsumexp(logits, -1) - logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        out["nll"].append(nll.double().flatten())
         out["target"].append(tgt.flatten())
         if reference is not None:
+            logp = logits.log_softmax(-1)
             logr = forward_logits(reference, ids, keep)[:, :-1].float().log_softmax(-1)
             out["nll_ref"].append(-logr.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().flatten())
             kl = (logr.exp() * (logr - logp)).sum(-1)  # (B, L-1-first)

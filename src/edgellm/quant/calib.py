@@ -231,25 +231,40 @@ def collect_inputs(layer, linears: dict[str, nn.Linear], stream: LayerStream, *,
     return stats
 
 
-def sequential(model, calib, quantize_layer, *, batch_size: int = 8, progress: bool = True,
-               desc: str = "quantize") -> LayerStream:
+def sequential(model, calib, quantize_layer, *, layers=None, batch_size: int = 8,
+               progress: bool = True, desc: str = "quantize") -> LayerStream:
     """The layer-by-layer loop: ``quantize_layer(index, layer, stream)`` then propagate.
 
     ``quantize_layer`` sees the stream positioned at the layer's inputs (the outputs of the
     already quantized earlier layers) and changes the layer in place; the loop then runs the
-    quantized layer to produce the next layer's inputs.
+    quantized layer to produce the next layer's inputs.  ``layers`` (indices) restricts the
+    work to some decoder layers (the loop stops after the last one): for tests and lessons.
     """
     stream = LayerStream(model, calib, batch_size=batch_size)
-    layers = list(enumerate(stream.layers))
+    wanted = check_layers(layers, len(stream.layers))
+    layers = [(i, m) for i, m in enumerate(stream.layers) if i <= max(wanted)]
     if progress:
         from tqdm.auto import tqdm
 
         layers = tqdm(layers, desc=desc, leave=False)
     with torch.no_grad():
         for i, layer in layers:
-            quantize_layer(i, layer, stream)
+            if i in wanted:
+                quantize_layer(i, layer, stream)
             stream.advance(layer)
     return stream
+
+
+def check_layers(layers, n_layers: int) -> set[int]:
+    """The set of decoder layer indices to work on (``None``: all ``n_layers``)."""
+    if layers is None:
+        return set(range(n_layers))
+    wanted = {int(i) for i in layers}
+    bad = sorted(i for i in wanted if not 0 <= i < n_layers)
+    if not wanted or bad:
+        raise QuantError(f"layers={sorted(wanted)} must be a non-empty set of decoder layer "
+                         f"indices in 0…{n_layers - 1}")
+    return wanted
 
 
 @torch.no_grad()

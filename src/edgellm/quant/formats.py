@@ -371,6 +371,26 @@ def _float_table(ff: FloatFormat) -> torch.Tensor:
     return torch.cat([mag, -mag])
 
 
+@torch.no_grad()
+def apply_format(model: torch.nn.Module, fmt: str = "int", bits: int = 4,
+                 group_size: int | None = 64, sym: bool = False,
+                 scale_dtype: torch.dtype | None = torch.float16, *, layers=None) -> dict:
+    """Fake-quantize the decoder linears in place with :func:`quantize_format`;
+    return ``{name: QTensor}`` (the tied embedding / lm_head is not quantized)."""
+    from ..models import linear_layers
+
+    layers = linear_layers(model) if layers is None else layers
+    out = {}
+    for name, lin in layers.items():
+        try:
+            qt = quantize_format(lin.weight, fmt, bits, group_size, sym, scale_dtype)
+        except QuantError as e:
+            raise QuantError(f"{name}: {e}") from None
+        lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
+        out[name] = qt
+    return out
+
+
 def quantization_error(W: torch.Tensor, W_hat: torch.Tensor) -> dict:
     """Relative Frobenius error, RMSE, max abs error and SQNR (dB) between W and W_hat."""
     W, W_hat = W.float(), W_hat.float()
@@ -382,7 +402,7 @@ def quantization_error(W: torch.Tensor, W_hat: torch.Tensor) -> dict:
 
 
 __all__ = [
-    "E2M1", "E2M1_LEVELS", "E4M3", "E5M2", "FORMATS", "FloatFormat", "NF4_LEVELS",
+    "E2M1", "E2M1_LEVELS", "E4M3", "apply_format", "E5M2", "FORMATS", "FloatFormat", "NF4_LEVELS",
     "BNB_FP4_LEVELS", "code_range", "pack_nibbles_bnb", "dequantize_bnb_fp4", "dequantize_mxfp4", "dequantize_nf4",
     "float_codes", "float_decode", "int8_vectorwise", "int8_vectorwise_dequant",
     "nearest_level", "nf4_levels_from_normal", "quantization_error", "quantize_bnb_fp4",

@@ -26,13 +26,15 @@ from the *updated* weights of that group (as the reference implementation does).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from .calib import collect_inputs, layer_linears, sequential
 from .qtensor import QTensor, QuantError, dtype_bits
-from .rtn import check_bits, check_finite, check_group_size, minmax_params, quantize_codes
+from .rtn import (check_bits, check_finite, check_group_size, code_range, minmax_params,
+                  quantize_codes)
 
 
 def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -66,6 +68,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     Returns ``(Q, qtensor)``: ``Q`` (out, in) float32 the dequantized weights, and the
     :class:`QTensor` of codes, scales and offsets (``qtensor.dequantize()`` equals ``Q``).
     """
+    # thousands of small ops and two small factorisations: on a busy CPU, thread hand-offs (and
+    # multi-threaded LAPACK spinning) cost far more than they save
+    with single_thread():
+        return _gptq(W, H, bits, group_size, sym, damp, block_size, act_order, static_groups,
+                     scale_dtype)
+
+
+def _gptq(W, H, bits, group_size, sym, damp, block_size, act_order, static_groups, scale_dtype):
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise QuantError(f"W must be (out, in) and H (in, in); got W {tuple(W.shape)}, "
                          f"H {tuple(H.shape)}")
@@ -97,6 +107,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     pos[perm] = torch.arange(n)  # pos[col]: where original column col is processed
     Hinv = _hinv_cholesky(H, damp)  # (in, in) upper
 
+    lo, hi = code_range(bits, sym)
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -107,21 +118,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         for i in range(i2 - i1):
             col = int(perm[i1 + i])  # original column index
             g = col // gs
-            if not have[g]:  # the group starts here: its parameters from its current weights
-                cols = pos[g * gs:(g + 1) * gs]  # processing positions of the group's columns
+            if not have[g]:  # the group starts here: parameters from its current weights
+                cols = pos[g * gs:(g + 1) * gs]  # processing positions of its columns
                 cur = _current(W, W1, Err1, Hinv, cols, i1, i, i2)  # (out, gs)
                 s, o = minmax_params(cur, bits, sym, scale_dtype)  # (out, 1) each
                 scale[:, g], offset[:, g], have[g] = s[:, 0], o[:, 0], True
             w = W1[:, i]  # (out,)
             d = Hinv1[i, i]
-            q = quantize_codes(w, scale[:, g], offset[:, g], bits, sym).float()
-            q = q * scale[:, g] + offset[:, g]  # (out,) dequantized
+            s, o = scale[:, g], offset[:, g]  # (out,)
+            # the quantizer (rtn.fake_quant inlined): nearest code on the group's grid
+            q = torch.round((w - o) / torch.where(s == 0, 1.0, s)).clamp_(lo, hi) * s + o
             Q1[:, i] = q
             err = (w - q) / d  # (out,)
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBQ update in the block
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBQ update
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
 
     Q = Q[:, pos]  # back to the original column order, (out, in)
     Qg = Q.reshape(n_out, G, gs)
@@ -129,6 +141,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     qt = QTensor(codes=codes.reshape(n_out, n), scale=scale, offset=offset, shape=(n_out, n),
                  bits=bits, group_size=gs, sym=sym, fmt="int", scale_bits=dtype_bits(scale_dtype))
     return Q, qt
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the enclosed torch ops on one thread, then restore the previous thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _current(W, W1, Err1, Hinv, cols, i1, i, i2):
@@ -170,7 +193,7 @@ def bits_for(bits, name: str) -> int:
 def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = False, *,
                damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                static_groups: bool = False, scale_dtype: torch.dtype | None = torch.float16,
-               batch_size: int = 8, progress: bool = True) -> dict[str, QTensor]:
+               layers=None, batch_size: int = 8, progress: bool = True) -> dict[str, QTensor]:
     """GPTQ-quantize the decoder's linear layers in place (fake quant); return ``{name: QTensor}``.
 
     ``calib`` (n_samples, seq_len) token ids.  Layers are processed sequentially (see
@@ -178,7 +201,8 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
     quantized layers before it.  Linears that read the same input (q/k/v; gate/up) share one
     Hessian and are quantized together as one stacked matrix (rows are independent, so this is
     the same as quantizing them one by one, only faster).  ``bits`` may be a dict
-    ``{name: bits}``.  The tied embedding / lm_head is not quantized.
+    ``{name: bits}``.  ``layers`` (decoder layer indices) limits the work to some layers.
+    The tied embedding / lm_head is not quantized.
     """
     result: dict[str, QTensor] = {}
 
@@ -204,8 +228,8 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
                 result[n] = part
                 r += w.shape[0]
 
-    sequential(model, calib, quantize_layer, batch_size=batch_size, progress=progress,
-               desc="GPTQ")
+    sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
+               progress=progress, desc="GPTQ")
     return {n: result[n] for n in sorted(result, key=_layer_order)}
 
 

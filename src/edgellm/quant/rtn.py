@@ -146,7 +146,7 @@ def fake_quantize(W: torch.Tensor, bits: int = 4, group_size: int | None = 64, s
 
 
 @torch.no_grad()
-def apply_rtn(model: torch.nn.Module, bits: int = 4, group_size: int | None = 64,
+def apply_rtn(model: torch.nn.Module, bits: int | dict[str, int] = 4, group_size: int | None = 64,
               sym: bool = False, scale_dtype: torch.dtype | None = torch.float16, *,
               layers: dict[str, torch.nn.Linear] | None = None,
               progress: bool = False) -> dict[str, QTensor]:
@@ -154,7 +154,8 @@ def apply_rtn(model: torch.nn.Module, bits: int = 4, group_size: int | None = 64
 
     Each weight is replaced by its dequantized value (same dtype as before).  ``layers`` defaults
     to :func:`edgellm.models.linear_layers` (the 210 decoder linears of the default model; the
-    tied embedding / lm_head is *not* quantized).
+    tied embedding / lm_head is *not* quantized).  ``bits`` may be a dict ``{name: bits}``
+    (mixed precision).
     """
     from ..models import linear_layers
 
@@ -163,11 +164,12 @@ def apply_rtn(model: torch.nn.Module, bits: int = 4, group_size: int | None = 64
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(items, desc=f"RTN {bits}-bit", leave=False)
+        items = tqdm(items, desc="RTN", leave=False)
     out = {}
     for name, lin in items:
+        b = bits[name] if isinstance(bits, dict) else bits
         try:
-            qt = quantize(lin.weight, bits, group_size, sym, scale_dtype)
+            qt = quantize(lin.weight, b, group_size, sym, scale_dtype)
         except QuantError as e:
             raise QuantError(f"{name}: {e}") from None
         lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))

@@ -1,0 +1,210 @@
+"""``edgellm prune``: prune the default model (unstructured, N:M or structured), optionally
+recover with a short fine-tune, and measure perplexity, KL, size and speed.
+
+::
+
+    edgellm prune --method wanda --sparsity 0.5 --eval --max-tokens 4096 --json
+    edgellm prune --method sparsegpt --nm 2:4 --calib pydoc --n-samples 32 --seq-len 512 --eval
+    edgellm prune --structured layers --ratio 0.2 --recover-steps 20 --control --eval --out DIR
+
+``--sparsity`` is the fraction of each decoder linear's weights set to zero (per output row for
+magnitude and Wanda, per column block for SparseGPT); ``--nm 2:4`` keeps 2 of every 4.  The
+tied embedding / lm_head is never pruned.  ``--structured`` removes heads, MLP channels or
+layers (scored from calibration activations; ``--method magnitude`` scores heads/channels by
+weights only); given together with ``--sparsity``/``--nm`` the structured step runs first.
+With ``--eval`` an unpruned copy is the reference: ``ppl``, ``ppl_base``, ``kl_mean``.
+``--recover-steps K`` fine-tunes K steps on the train split (plain with the zeros kept, or
+``--lora``); ``--control`` fine-tunes the unpruned model the same way (``ppl_control``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+STRUCTURED = ("heads", "channels", "layers")
+
+
+def _nm(text: str):
+    from .masks import PruneError, parse_nm
+
+    try:
+        return parse_nm(text)
+    except PruneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_parser(subparsers, add_eval_args) -> None:
+    p = subparsers.add_parser("prune", help="prune a model (unstructured, N:M, structured)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="wanda", choices=METHODS)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="fraction of weights removed, in [0, 1)")
+    target.add_argument("--nm", type=_nm, help="N:M pattern, e.g. 2:4 or 4:8")
+    p.add_argument("--scope", default="row", choices=["row", "layer", "global"],
+                   help="magnitude only: compare weights per row, per layer or globally")
+    p.add_argument("--structured", choices=STRUCTURED, help="remove whole heads/channels/layers")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction removed with --structured")
+    p.add_argument("--granularity", default="query", choices=["query", "group"],
+                   help="heads: query heads within each KV group, or whole KV groups")
+    p.add_argument("--calib", default="pydoc", help="calibration corpus (train split)")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recover-steps", type=int, default=0, help="fine-tune steps after pruning")
+    p.add_argument("--recover-lr", type=float, help="default 2e-5 (plain) or 2e-4 (--lora)")
+    p.add_argument("--recover-batch", type=int, default=2)
+    p.add_argument("--recover-seq-len", type=int, default=256)
+    p.add_argument("--lora", action="store_true", help="recover with LoRA adapters (peft), merged")
+    p.add_argument("--control", action="store_true",
+                   help="also fine-tune the unpruned model the same way (ppl_control)")
+    p.add_argument("--out", help="save the pruned model (safetensors) to this folder")
+    p.add_argument("--eval", action="store_true", help="perplexity and KL vs the unpruned model")
+    add_eval_args(p)
+    p.set_defaults(func=run)
+
+
+def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | None = None,
+                nm: tuple[int, int] | None = None, scope: str = "row",
+                structured: str | None = None, ratio: float = 0.2, granularity: str = "query",
+                calib: str = "pydoc", n_samples: int = 32, seq_len: int = 512, seed: int = 0,
+                progress: bool = False) -> dict:
+    """Prune ``model`` in place by name; return a JSON-ready summary (achieved sparsity etc.).
+
+    The library entry point behind ``edgellm prune`` (the lesson calls it too).  Without
+    ``structured``, ``sparsity`` defaults to 0.5.
+    """
+    import torch
+
+    from .masks import PruneError
+
+    if method not in METHODS:
+        raise PruneError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if structured is None and sparsity is None and nm is None:
+        sparsity = 0.5
+    torch.manual_seed(seed)
+    info = {"method": method, "sparsity_target": sparsity,
+            "nm": f"{nm[0]}:{nm[1]}" if nm else None, "structured": structured,
+            "ratio": ratio if structured else None}
+    needs_calib = method != "magnitude" or structured == "layers"
+    ids = None
+    if needs_calib:
+        from ..data import get_calibration
+
+        ids = get_calibration(calib, n_samples, seq_len, seed, tokenizer=tok)
+        info.update(calib=calib, n_samples=n_samples, seq_len=seq_len)
+    t0 = time.perf_counter()
+    if structured:
+        from .structured import apply_structured
+
+        kw = {"granularity": granularity} if structured == "heads" else {}
+        s_ids = ids if (method != "magnitude" or structured == "layers") else None
+        sinfo = apply_structured(model, s_ids, structured, ratio, **kw)
+        info.update({k: v for k, v in sinfo.items() if k not in ("structured", "ratio")})
+    if sparsity is not None or nm is not None:
+        from .layers import check_target, prunable_linears
+
+        check_target(sparsity, nm, prunable_linears(model))  # fail before any work
+        if method == "magnitude":
+            from .magnitude import apply_magnitude
+
+            stats = apply_magnitude(model, sparsity=sparsity, nm=nm, scope=scope)
+            info["scope"] = scope
+        elif method == "wanda":
+            from .wanda import apply_wanda
+
+            stats = apply_wanda(model, ids, sparsity, nm, progress=progress)
+        else:
+            from .sparsegpt import apply_sparsegpt
+
+            stats = apply_sparsegpt(model, ids, sparsity, nm, progress=progress)
+    else:
+        from .layers import sparsity_stats
+
+        stats = sparsity_stats(model)
+    info["seconds_prune"] = time.perf_counter() - t0
+    per = stats["layers"]
+    info.update(sparsity=stats["sparsity"], sparsity_layers=per,
+                sparsity_min=min(per.values()), sparsity_max=max(per.values()))
+    return info
+
+
+def _eval(model, reference, tok, args) -> dict:
+    from ..quant.cli import evaluate_quantized
+
+    return evaluate_quantized(model, reference, tok, data=args.data, split=args.split,
+                              protocol=args.protocol, ctx=args.ctx, max_tokens=args.max_tokens,
+                              chunks=args.chunks, batch_size=args.batch_size,
+                              progress=not args.json)
+
+
+def run(args) -> dict:
+    import os
+
+    from ..data import get_tokens
+    from ..metrics import peak_rss_bytes
+    from ..models import load_model, n_params
+    from ..records import record
+    from .accounting import forward_tokens_per_s, model_bytes, sparse_storage
+
+    model, tok = load_model(args.model, quiet=args.json)
+    reference = copy.deepcopy(model)
+    rec = prune_model(model, tok, method=args.method, sparsity=args.sparsity, nm=args.nm,
+                      scope=args.scope, structured=args.structured, ratio=args.ratio,
+                      granularity=args.granularity, calib=args.calib, n_samples=args.n_samples,
+                      seq_len=args.seq_len, seed=args.seed, progress=not args.json)
+    rec.update(n_params=n_params(model), n_params_base=n_params(reference),
+               n_nonzero=sum(int((p != 0).sum()) for p in model.parameters()),
+               size_bytes=model_bytes(model), size_bytes_base=model_bytes(reference))
+    if args.structured is None or args.sparsity is not None or args.nm is not None:
+        rec.update(sparse_storage(model, args.nm))
+    speed_tokens = get_tokens(args.data, tok, args.split, 1024)
+    rec["tokens_per_s"] = forward_tokens_per_s(model, speed_tokens)
+    rec["tokens_per_s_base"] = forward_tokens_per_s(reference, speed_tokens)
+    rec["speed_note"] = ("dense fp32 forward, batch 1 × 256 tokens, best of 3; zeros do not "
+                         "speed up a dense matmul; no CPU 2:4 kernel in PyTorch")
+    rec.update(ppl=None, ppl_base=None, kl_mean=None)
+    if args.eval:
+        rec.update(_eval(model, reference, tok, args))
+    if args.recover_steps:
+        from .recover import finetune, zero_masks
+
+        train = get_tokens(args.calib, tok, "train")
+        masks = zero_masks(model) if (args.sparsity is not None or args.nm is not None) else None
+        kw = dict(steps=args.recover_steps, batch_size=args.recover_batch,
+                  seq_len=args.recover_seq_len, lr=args.recover_lr, lora=args.lora,
+                  seed=args.seed, progress=not args.json)
+        before = {k: rec[k] for k in ("ppl", "kl_mean") if rec.get(k) is not None}
+        ft = finetune(model, train, masks=masks, **kw)
+        rec.update({f"{k}_before_recovery": v for k, v in before.items()})
+        rec.update(recover_steps=ft["steps"], recover_seconds=ft["seconds"],
+                   recover_lr=ft["lr"], recover_lora=args.lora,
+                   recover_loss_first=ft["losses"][0], recover_loss_last=ft["losses"][-1],
+                   sparsity_after_recovery=sum(int((lin.weight == 0).sum()) for lin in
+                                               _lins(model)) / sum(lin.weight.numel()
+                                                                   for lin in _lins(model)))
+        if args.eval:
+            rec.update(_eval(model, reference, tok, args))
+        if args.control:
+            control = copy.deepcopy(reference)
+            finetune(control, train, **kw)
+            if args.eval:
+                c = _eval(control, reference, tok, args)
+                rec.update(ppl_control=c["ppl"], kl_mean_control=c["kl_mean"])
+    if args.out:
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        rec.update(out=str(args.out),
+                   file_bytes=os.path.getsize(os.path.join(args.out, "model.safetensors")))
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=args.seed, model=args.model)
+
+
+def _lins(model):
+    from .layers import prunable_linears
+
+    return list(prunable_linears(model).values())
