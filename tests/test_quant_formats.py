@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from edgellm.quant import formats as F
-from edgellm.quant.gguf_formats import (GGUF_TYPES, TYPE_BPW, ggml_type, gguf_quantize_numpy,
-                                        quantize_gguf, to_gguf_bytes)
+from edgellm.quant.gguf_formats import (
+    GGUF_TYPES,
+    TYPE_BPW,
+    ggml_type,
+    gguf_quantize_numpy,
+    quantize_gguf,
+    to_gguf_bytes,
+)
 from edgellm.quant.qtensor import QuantError
 
 

@@ -122,3 +122,16 @@ def test_default_model_packed_file_and_identical_logits(default_model, tmp_path)
     with torch.inference_mode():
         assert torch.equal(model2(ids).logits, qm(ids).logits)
     assert tok2("def f(x): return 12")["input_ids"] == tok("def f(x): return 12")["input_ids"]
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "MXFP4", "F16"])
+def test_save_reload_gguf_types(tiny, tmp_path, qtype):
+    from edgellm.quant.gguf_formats import apply_gguf
+
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    qts = apply_gguf(tiny, qtype)
+    save_quantized(tiny, qts, tmp_path)
+    model, _, q2 = load_quantized(tmp_path)
+    assert torch.equal(model(ids).logits, tiny(ids).logits)
+    info = size.model_size(tiny, qts)
+    assert info["size_bytes_linears"] == sum(q.size_bytes for q in q2.values())

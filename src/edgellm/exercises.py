@@ -70,14 +70,17 @@ def _perturb(x, f: float):
         return {k: _perturb(v, f) for k, v in x.items()}
     if isinstance(x, str):
         return x + " (perturbed)"
-    t = torch.as_tensor(x).detach().double()
+    t = _as_double(x)
     return torch.where(t == 0, t + (f - 1.0), t * f)
 
 
 def _as_double(x):
+    """A float64 tensor of a tensor, array, number or nested list (Python floats stay exact)."""
     import torch
 
-    return torch.as_tensor(x).detach().cpu().double()
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64)
 
 
 def _compare(name: str, got, want, atol: float, rtol: float) -> tuple[bool, str]:

@@ -43,7 +43,7 @@ def plot_device_budget(rows: list[dict]):
     need = [cell[(devices[0], f)]["need_bytes"] for f in formats]
     ax.bar(x, need, width=0.5, color="tab:blue", label="model + overhead")
     for i, n in enumerate(need):
-        ax.text(i, n, f"{n / 2**20:,.0f} MiB", ha="center", va="bottom", fontsize=8)
+        ax.text(i, n, format_bytes(n), ha="center", va="bottom", fontsize=8)
     colors = matplotlib.colormaps["tab10"]
     for j, d in enumerate(devices):
         b = cell[(d, formats[0])]["budget_bytes"]

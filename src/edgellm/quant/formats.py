@@ -398,7 +398,7 @@ def quantization_error(W: torch.Tensor, W_hat: torch.Tensor) -> dict:
     mse = err.pow(2).mean()
     return {"rel_err": float(err.norm() / W.norm()), "rmse": float(mse.sqrt()),
             "max_abs": float(err.abs().max()),
-            "sqnr_db": float(10 * torch.log10(W.pow(2).mean() / mse.clamp(min=1e-30)))}
+            "sqnr_db": float(10 * torch.log10(W.pow(2).mean() / mse)) if mse > 0 else math.inf}
 
 
 __all__ = [

@@ -33,8 +33,14 @@ import torch
 
 from .calib import collect_inputs, layer_linears, sequential
 from .qtensor import QTensor, QuantError, dtype_bits
-from .rtn import (check_bits, check_finite, check_group_size, code_range, minmax_params,
-                  quantize_codes)
+from .rtn import (
+    check_bits,
+    check_finite,
+    check_group_size,
+    code_range,
+    minmax_params,
+    quantize_codes,
+)
 
 
 def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -223,19 +229,21 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
             Q, qt = gptq_quantize(torch.cat(Ws), stats[names[0]].H, b, group_size, sym, damp,
                                   block_size, act_order, static_groups, scale_dtype)
             r = 0
-            for n, w, part in zip(names, Ws, _split_rows(qt, [w.shape[0] for w in Ws])):
+            for n, w, part in zip(names, Ws, _split_rows(qt, [w.shape[0] for w in Ws]), strict=True):
                 w.copy_(Q[r:r + w.shape[0]].to(w.dtype))
                 result[n] = part
                 r += w.shape[0]
 
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="GPTQ")
-    return {n: result[n] for n in sorted(result, key=_layer_order)}
+    return in_model_order(model, result)
 
 
-def _layer_order(name: str):
-    parts = name.split(".")
-    return tuple(int(p) if p.isdigit() else p for p in parts)
+def in_model_order(model, result: dict) -> dict:
+    """``result`` re-ordered like the model's modules (q, k, v, o, gate, up, down per layer)."""
+    from ..models import linear_layers
+
+    return {n: result[n] for n in linear_layers(model) if n in result}
 
 
 @torch.no_grad()

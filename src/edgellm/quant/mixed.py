@@ -1,0 +1,136 @@
+"""Mixed precision under a bits-per-weight budget: more bits where they buy the most.
+
+llama.cpp's K-quant mixes (``Q4_K_M`` …) keep some tensors (``attn_v``, ``ffn_down``, the first
+and last layers) at higher precision than the rest, because quantization hurts some matrices
+much more than others.  Here the choice is measured rather than hand-written:
+
+1. **sensitivity** — one pass over the calibration set gives each linear's ``H = 2 XᵀX / n``;
+   for every candidate bit width ``b``, the layer's output error if it alone were quantized
+   with ``b`` bits is ``E_l(b) = tr(ΔW H ΔWᵀ) / 2`` (mean over tokens of ``‖ΔW x‖²``);
+2. **allocation** — start every linear at the smallest candidate, then repeatedly apply the
+   upgrade (to any larger candidate) with the largest error reduction per extra stored bit,
+   ``(E_l(b) − E_l(b')) / (n_l · (bpw(b') − bpw(b)))``, among those that still fit the budget,
+   until none fits.  ``bpw`` counts the scales and offsets (``bits + 32 / group_size`` for
+   asymmetric fp16 parameters), so the average over all linear weights never exceeds
+   ``bpw_budget``, and no further single upgrade would fit;
+3. **quantization** — each linear with its bit width, by RTN or GPTQ (``method``).
+
+The sensitivity is a local proxy: it treats the layers' output errors as additive and equally
+harmful.  The first and last layers' errors travel differently through the network; the lesson
+compares the allocation with llama.cpp's hand-made rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .calib import collect_inputs, layer_linears, sequential
+from .qtensor import QTensor, QuantError, dtype_bits
+from .rtn import check_bits, check_group_size, fake_quantize, quantize
+
+
+def bpw_of(bits: int, group_size: int | None, in_features: int, sym: bool = False,
+           scale_dtype: torch.dtype | None = torch.float16) -> float:
+    """Bits per weight of an integer format with one scale (and offset unless ``sym``) per group."""
+    g = in_features if group_size is None else group_size
+    per_group = dtype_bits(scale_dtype) * (1 if sym else 2)
+    return bits + per_group / g
+
+
+@torch.no_grad()
+def sensitivities(model, calib, candidates=(2, 3, 4, 6, 8), group_size: int | None = 64,
+                  sym: bool = False, *, layers=None, batch_size: int = 8,
+                  progress: bool = True) -> dict[str, dict[int, float]]:
+    """``{name: {bits: E}}``: each linear's mean squared output error at each bit width (RTN),
+    on the calibration inputs of the unquantized model (one pass)."""
+    for b in candidates:
+        check_bits(b)
+    out: dict[str, dict[int, float]] = {}
+
+    def measure(index, layer, stream):
+        linears = layer_linears(model, index)
+        stats = collect_inputs(layer, linears, stream, xtx=True)
+        for name, lin in linears.items():
+            check_group_size(lin.in_features, group_size)
+            W, H = lin.weight.float(), stats[name].H
+            out[name] = {}
+            for b in candidates:
+                D = W - fake_quantize(W, b, group_size, sym)  # (out, in)
+                out[name][b] = ((D @ H) * D).sum().item() / 2
+
+    sequential(model, calib, measure, layers=layers, batch_size=batch_size, progress=progress,
+               desc="sensitivity")
+    return out
+
+
+def allocate(errors: dict[str, dict[int, float]], numels: dict[str, int],
+             bpw: dict[str, dict[int, float]], bpw_budget: float) -> dict[str, int]:
+    """Greedy bit allocation: ``{name: bits}`` with Σ n_l·bpw_l ≤ bpw_budget · Σ n_l.
+
+    ``errors[name][bits]`` the cost of each choice, ``numels[name]`` weights per layer,
+    ``bpw[name][bits]`` bits per weight of each choice (with scales).
+    """
+    if not errors:
+        raise QuantError("no layers to allocate bits to")
+    total = sum(numels.values())
+    choice = {n: min(e) for n, e in errors.items()}
+    used = sum(numels[n] * bpw[n][b] for n, b in choice.items())
+    if used > bpw_budget * total + 1e-9:
+        raise QuantError(f"bpw_budget={bpw_budget} is below the smallest candidate's "
+                         f"{used / total:.4g} bits per weight; raise the budget or add a smaller "
+                         "bit width to the candidates")
+    while True:
+        best = None
+        for n, b in choice.items():
+            for b2, e2 in errors[n].items():
+                extra = numels[n] * (bpw[n][b2] - bpw[n][b])
+                if extra <= 0 or used + extra > bpw_budget * total + 1e-9:
+                    continue
+                gain = (errors[n][b] - e2) / extra
+                if best is None or gain > best[0]:
+                    best = (gain, n, b2, extra)
+        if best is None:
+            return choice
+        _, n, b2, extra = best
+        choice[n] = b2
+        used += extra
+
+
+@torch.no_grad()
+def apply_mixed(model, calib, bpw_budget: float = 4.5, candidates=(2, 3, 4, 6, 8),
+                group_size: int | None = 64, sym: bool = False, method: str = "rtn", *,
+                scale_dtype: torch.dtype | None = torch.float16, layers=None,
+                batch_size: int = 8, progress: bool = True,
+                info: dict | None = None) -> dict[str, QTensor]:
+    """Mixed-precision quantization of the decoder's linears in place; ``{name: QTensor}``.
+
+    ``bpw_budget`` average bits per weight over the quantized linears, scales included;
+    ``candidates`` bit widths to choose from; ``method`` ``"rtn"`` or ``"gptq"`` for the final
+    quantization.  ``info`` (a dict) receives ``allocation``, ``errors`` and the achieved ``bpw``.
+    """
+    if method not in ("rtn", "gptq"):
+        raise QuantError(f"mixed precision supports method 'rtn' or 'gptq', not {method!r}")
+    from ..models import linear_layers
+
+    errors = sensitivities(model, calib, candidates, group_size, sym, layers=layers,
+                           batch_size=batch_size, progress=progress)
+    lins = {n: m for n, m in linear_layers(model).items() if n in errors}
+    numels = {n: m.weight.numel() for n, m in lins.items()}
+    bpw = {n: {b: bpw_of(b, group_size, m.in_features, sym, scale_dtype) for b in candidates}
+           for n, m in lins.items()}
+    alloc = allocate(errors, numels, bpw, bpw_budget)
+    if method == "gptq":
+        from .gptq import apply_gptq
+
+        result = apply_gptq(model, calib, alloc, group_size, sym, scale_dtype=scale_dtype,
+                            layers=layers, batch_size=batch_size, progress=progress)
+    else:
+        result = {}
+        for n, lin in lins.items():
+            qt = quantize(lin.weight, alloc[n], group_size, sym, scale_dtype)
+            lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
+            result[n] = qt
+    achieved = sum(result[n].bpw * numels[n] for n in result) / sum(numels.values())
+    if info is not None:
+        info.update(allocation=alloc, errors=errors, bpw=achieved, bpw_budget=bpw_budget)
+    return result
