@@ -136,7 +136,7 @@ def run_lesson_in_jupyterlab(notebook: Path, env: dict, screenshot: Path, workdi
     proc = _jupyterlab(lab, port, token, workdir)
     try:
         url = f"http://127.0.0.1:{port}/lab/tree/{notebook.parent.name}/{notebook.name}?token={token}"
-        return _node(env, "lesson", "--url", url, "--screenshot", str(screenshot), "--timeout", "300")
+        return _node(env, "lesson", "--url", url, "--screenshot", str(Path(screenshot).resolve()), "--timeout", "300")
     finally:
         _stop(proc)
 

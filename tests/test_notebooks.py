@@ -1,14 +1,13 @@
 """Every lesson in notebooks/ runs top to bottom in FAST mode on the real default model.
 
-(Labs in solutions/ and exercises/ are executed by test_course.py.)  Executed copies are kept in
-build/test-notebooks/ for reading after a failure.
+Notebooks run through the session-wide ``notebook_run`` fixture (tests/conftest.py), so the
+rendered-course and browser tests reuse these runs instead of executing again.  Labs in solutions/
+and exercises/ are checked in test_course.py.  Executed copies land in build/test-runs/.
 """
-
-import time
 
 import pytest
 
-from edgellm.course import ROOT, course_notebooks, execute_notebook
+from edgellm.course import course_notebooks
 
 LESSONS = course_notebooks("notebooks")
 
@@ -16,14 +15,10 @@ LESSONS = course_notebooks("notebooks")
 @pytest.mark.notebook
 @pytest.mark.integration
 @pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
-def test_lesson_runs_in_fast_mode(path):
-    t0 = time.perf_counter()
-    nb = execute_notebook(path, ROOT / "build" / "test-notebooks" / path.name, fast=True)
-    seconds = time.perf_counter() - t0
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors
-    print(f"{path.name}: {seconds:.1f} s in FAST mode")
+def test_lesson_runs_in_fast_mode(path, notebook_run):
+    run = notebook_run(path)
+    assert not run.errors, run.errors[0]
+    print(f"{path.name}: {run.seconds:.1f} s in FAST mode")
 
 
 def test_there_are_lessons():

@@ -65,7 +65,7 @@ def test_real_model_drop_layers_save_reload_generate(default_model, tmp_path):
                        r.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
 
 
-def test_recovery_keeps_zeros_and_lowers_loss():
+def test_recovery_keeps_zeros_and_lowers_loss(tmp_path):
     from edgellm import tiny_llama
     from edgellm.prune import apply_magnitude, prunable_linears
     from edgellm.prune.recover import finetune, zero_masks
@@ -84,6 +84,13 @@ def test_recovery_keeps_zeros_and_lowers_loss():
     ft2 = finetune(m2, tokens, steps=10, batch_size=2, seq_len=32, lr=3e-3, lora=True)
     assert ft2["losses"][-1] < ft2["losses"][0]
     assert not any("lora" in n for n, _ in m2.named_parameters())  # merged and unloaded
+    from transformers import AutoModelForCausalLM
+
+    m2.save_pretrained(tmp_path)
+    r = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = tokens[:24].unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(m2(input_ids=ids).logits, r(input_ids=ids).logits)
 
 
 def test_cli_prune_bad_input(capsys):

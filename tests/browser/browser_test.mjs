@@ -96,28 +96,42 @@ async function lesson(context, net) {
   await page.locator(".lm-MenuBar-itemLabel", { hasText: /^Run$/ }).click();
   await page.locator(".lm-Menu-itemLabel", { hasText: /^Run All Cells$/ }).click();
 
-  // finished when every code cell has a number in its prompt ([3], not [*] or [ ])
-  const done = await page.waitForFunction(() => {
-    const prompts = [...document.querySelectorAll(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt")];
-    if (!prompts.length) return false;
-    return prompts.every((p) => /\[\d+\]/.test(p.textContent));
-  }, null, { timeout: timeoutMs, polling: 500 }).then(() => true, () => false);
+  // finished when every code cell has a number in its prompt ([3], not [*] or [ ]); a run that
+  // stopped early (an error) leaves [ ] prompts with no [*] while the kernel is idle
+  const state = () => page.evaluate(() => {
+    const prompts = [...document.querySelectorAll(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt")]
+      .map((p) => p.textContent.trim());
+    const status = document.querySelector(".jp-StatusBar-Widget, #jp-main-statusbar");
+    return { prompts, busy: prompts.some((p) => p.includes("*")),
+             idle: /Idle/.test(status ? status.textContent : "") };
+  });
+  let done = false, quiet = 0, st;
+  const runDeadline = Date.now() + timeoutMs;
+  while (Date.now() < runDeadline) {
+    await page.waitForTimeout(1000);
+    st = await state();
+    if (st.prompts.length && st.prompts.every((p) => /\[\d+\]/.test(p))) { done = true; break; }
+    quiet = !st.busy && st.idle ? quiet + 1 : 0;
+    if (quiet >= 10) break;                       // idle for 10 s with cells left: it stopped
+  }
   const errors = await page.evaluate(() =>
-    [...document.querySelectorAll(".jp-NotebookPanel [data-mime-type='application/vnd.jupyter.stderr']")]
+    [...document.querySelectorAll(".jp-NotebookPanel .jp-OutputArea-output")]
       .map((e) => e.textContent).filter((t) => /Traceback|^\w*(Error|Exception)\b/m.test(t))
       .map((t) => t.trim().split("\n").slice(-1)[0].slice(0, 300)));
   log(`run all finished: ${done}, errors: ${errors.length}`);
   if (!done || errors.length) {
     await page.screenshot({ path: screenshot, fullPage: false });
-    return { ok: false, reason: done ? "a cell raised an error" : "cells did not all finish", errors };
+    return { ok: false, reason: done ? "a cell raised an error" : "cells did not all finish",
+             errors, prompts: st && st.prompts };
   }
 
-  // the first slider of the notebook, and the output of its cell without the slider itself
+  // the first slider of the notebook
   const slider = page.locator(".jp-NotebookPanel .widget-slider").first();
   if ((await slider.count()) === 0) return { ok: false, reason: "no slider widget rendered in JupyterLab" };
   await slider.scrollIntoViewIfNeeded();
-  const cell = page.locator(".jp-NotebookPanel .jp-Cell", { has: slider }).last();
-  const signature = () => cell.evaluate((el) => {
+  // the output area of the cell holding the slider, without the slider itself
+  const signature = () => slider.evaluate((s) => {
+    const el = s.closest(".jp-Cell");
     const out = el.querySelector(".jp-Cell-outputArea") || el;
     const copy = out.cloneNode(true);
     copy.querySelectorAll(".widget-slider, .widget-readout").forEach((s) => s.remove());
@@ -153,8 +167,15 @@ async function lesson(context, net) {
     after = await signature();
     if (JSON.stringify(after) !== JSON.stringify(before)) break;
   }
-  await page.waitForTimeout(500);
-  await cell.scrollIntoViewIfNeeded();
+  // then let the view settle: the same output for 2 s in a row (a plot may redraw after the text)
+  let stable = 0;
+  while (Date.now() < deadline && stable < 4) {
+    await page.waitForTimeout(500);
+    const now = await signature();
+    stable = JSON.stringify(now) === JSON.stringify(after) ? stable + 1 : 0;
+    after = now;
+  }
+  await slider.scrollIntoViewIfNeeded();
   await page.screenshot({ path: screenshot, fullPage: false });
   const changed = JSON.stringify(after) !== JSON.stringify(before);
   return {

@@ -10,6 +10,10 @@ Submodules are imported lazily so ``import edgellm.quant`` stays cheap:
 - :mod:`edgellm.quant.size`     bits per weight and bytes for a whole model
 - :mod:`edgellm.quant.modules`  fake-quant ``QuantLinear`` that swaps into a model and back
 - :mod:`edgellm.quant.save`     packed safetensors + JSON: save and reload quantized models
+- :mod:`edgellm.quant.explore`  pure functions behind lesson 02's plots and widget
+- :mod:`edgellm.quant.cli`      ``edgellm quantize`` (and ``quantize_model`` for notebooks)
+
+The tied embedding / lm_head is never quantized by these tools; sizes report it separately.
 """
 
 from __future__ import annotations

@@ -102,8 +102,10 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
     if method == "gguf":
         from .gguf_formats import TYPE_BITS, apply_gguf
 
+        qtype = qtype.upper()
         qts = apply_gguf(model, qtype, progress=progress)
-        info.update(type=qtype, bits=TYPE_BITS.get(qtype), group_size=32, sym=None)
+        info.update(type=qtype, bits=TYPE_BITS.get(qtype), sym=None,
+                    group_size=None if qtype == "F16" else 32)
     else:
         check_bits(bits)
         ids = None

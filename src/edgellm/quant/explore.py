@@ -57,7 +57,7 @@ def format_view(W: torch.Tensor, fmt: str = "int", bits: int = 4, group_size: in
     b = format_bits(fmt, bits)
     kind = ("sym" if sym else "asym") if fmt == "int" else "absmax"
     err = quantization_error(W, W_hat)
-    label = (f"{fmt}{b if fmt == 'int' else ''} {kind}, {gname}: rel err {err['rel_err']:.4f}, "
+    label = (f"{fmt}{b if fmt == 'int' else ''} {kind}, {gname}\nrel err {err['rel_err']:.4f}, "
              f"SQNR {err['sqnr_db']:.1f} dB, {qt.bpw:.3f} bpw")
     return {"values": group_values(W, qt, row, group), "grid": grid, "w_hat": W_hat,
             **err, "bpw": qt.bpw, "size_bytes": qt.size_bytes, "n_levels": len(grid),

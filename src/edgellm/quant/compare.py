@@ -1,0 +1,171 @@
+"""Comparing weight-quantization methods from recorded results (lesson 03's table, plot, widget).
+
+Records come from ``edgellm quantize ... --eval --json`` (see ``results/03_*.json``).  Each holds
+the method, bits, group size, bits per weight, perplexity of the quantized and the base model on
+the same tokens, the paired ΔNLL (quantized − base, per token) with its standard error, and the
+KL divergence to the base model.
+
+Ordering two methods A and B from their records: both ΔNLLs are paired against the same base
+tokens, so ``ΔNLL_A − ΔNLL_B`` is the mean per-token NLL difference between A and B.  Its exact
+standard error needs the per-token values (:func:`paired_delta_nll`); from the records alone,
+``√(se_A² + se_B²)`` is an upper bound when the two errors are positively correlated (they are:
+both methods struggle on the same hard tokens), so a difference larger than twice that bound is
+a safe "A below B".
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..metrics import mean_stderr, token_logprobs
+
+SWEEPS = ("03_lossless", "03_w4g64", "03_w3g64", "03_w4channel")
+METHOD_ORDER = ("rtn", "gptq", "awq", "imatrix", "gguf")
+
+
+def load_results(names=SWEEPS) -> list[dict]:
+    """All records of lesson 03's sweeps (missing or not yet run sweeps give no records)."""
+    from ..results import load_records
+
+    out = []
+    for n in names:
+        try:
+            out += load_records(n)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def group_label(group_size) -> str:
+    return "channel" if group_size is None else f"g{group_size}"
+
+
+def table(records: list[dict]) -> list[dict]:
+    """One row per record, sorted by bits, granularity and method: the lesson's results table."""
+    rows = []
+    for r in records:
+        rows.append({
+            "method": r["method"], "bits": r["bits"], "group": group_label(r.get("group_size")),
+            "bpw": r.get("bpw"), "MB (linears)": r.get("size_bytes_linears", 0) / 1e6,
+            "ppl": r.get("ppl"), "ppl_stderr": r.get("ppl_stderr"), "ppl_base": r.get("ppl_base"),
+            "delta_ppl": r.get("delta_ppl"), "delta_nll": r.get("delta_nll"),
+            "delta_nll_stderr": r.get("delta_nll_stderr"), "kl_mean": r.get("kl_mean"),
+            "top1": r.get("top1_agreement"), "lossless": r.get("lossless", False),
+            "seconds_quantize": r.get("seconds_quantize"),
+        })
+
+    def key(row):
+        m = row["method"]
+        return (-(row["bits"] or 0), row["group"], METHOD_ORDER.index(m) if m in METHOD_ORDER else 9)
+
+    return sorted(rows, key=key)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The table as fixed-width text."""
+    head = (f"{'method':<8} {'bits':>4} {'group':>7} {'bpw':>6} {'PPL ± se':>15} {'ΔPPL':>7} "
+            f"{'ΔNLL ± se':>17} {'KL':>9} {'top1':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ppl = f"{r['ppl']:.3f} ± {r['ppl_stderr']:.3f}" if r["ppl"] is not None else "-"
+        dn = (f"{r['delta_nll']:+.4f} ± {r['delta_nll_stderr']:.4f}"
+              if r["delta_nll"] is not None else "-")
+        kl = "lossless" if r["lossless"] else (f"{r['kl_mean']:.2e}" if r["kl_mean"] else "-")
+        lines.append(f"{r['method']:<8} {r['bits']:>4} {r['group']:>7} {r['bpw']:>6.3f} "
+                     f"{ppl:>15} {r['delta_ppl']:>+7.3f} {dn:>17} {kl:>9} "
+                     f"{r['top1'] if r['top1'] is None else format(r['top1'], '.3f'):>6}")
+    return "\n".join(lines)
+
+
+def select(records: list[dict], method: str, bits: int, group_size) -> dict | None:
+    """The record of one (method, bits, group size), or None."""
+    for r in records:
+        if r["method"] == method and r["bits"] == bits and r.get("group_size") == group_size:
+            return r
+    return None
+
+
+def ordering(records: list[dict], bits: int, group_size, baseline: str = "rtn",
+             methods=("gptq", "awq", "imatrix")) -> list[dict]:
+    """Each method's ΔNLL minus the baseline's at (bits, group size), with a conservative
+    standard error √(se_m² + se_base²) and a verdict: ``below`` (difference < −2·se),
+    ``above`` (> 2·se) or ``tie``."""
+    base = select(records, baseline, bits, group_size)
+    out = []
+    if base is None:
+        return out
+    for m in methods:
+        r = select(records, m, bits, group_size)
+        if r is None:
+            continue
+        d = r["delta_nll"] - base["delta_nll"]
+        se = math.hypot(r["delta_nll_stderr"], base["delta_nll_stderr"])
+        verdict = "below" if d < -2 * se else "above" if d > 2 * se else "tie"
+        out.append({"method": m, "baseline": baseline, "bits": bits,
+                    "group": group_label(group_size), "diff_nll": d, "stderr_bound": se,
+                    "verdict": verdict})
+    return out
+
+
+def paired_delta_nll(model_a, model_b, tokens, protocol: str = "gptq", ctx: int = 512,
+                     **kwargs) -> dict:
+    """Exact paired ΔNLL = mean per-token NLL(A) − NLL(B) on the same tokens, with its standard
+    error (the per-token differences' mean and stderr)."""
+    r = token_logprobs(model_a, tokens, protocol, ctx, reference=model_b, progress=False,
+                       **kwargs)
+    m, se = mean_stderr(r["nll"] - r["nll_ref"])
+    return {"delta_nll": m, "stderr": se, "n_tokens": r["nll"].numel()}
+
+
+def describe(records: list[dict], method: str, bits: int, group_size) -> str:
+    """What the widget shows for one choice: the record's numbers and its place vs RTN."""
+    r = select(records, method, bits, group_size)
+    label = f"{method} {bits}-bit {group_label(group_size)}"
+    if r is None:
+        have = sorted({(x['method'], x['bits'], group_label(x.get('group_size'))) for x in records})
+        return f"{label}: not recorded. Recorded: " + ", ".join(" ".join(map(str, h)) for h in have)
+    text = (f"{label}: {r['bpw']:.3f} bits/weight, linears {r['size_bytes_linears'] / 1e6:.1f} MB\n"
+            f"PPL {r['ppl']:.3f} ± {r['ppl_stderr']:.3f} (base {r['ppl_base']:.3f}), "
+            f"ΔNLL {r['delta_nll']:+.4f} ± {r['delta_nll_stderr']:.4f}, KL {r['kl_mean']:.3g}, "
+            f"top-1 agreement {r['top1_agreement']:.3f}")
+    if r.get("lossless"):
+        text += "\nlossless: every token's log-probability equals the base model's"
+    if method != "rtn":
+        o = ordering(records, bits, group_size, methods=(method,))
+        if o:
+            text += (f"\nvs RTN: ΔNLL difference {o[0]['diff_nll']:+.4f} "
+                     f"(± ≤{o[0]['stderr_bound']:.4f}) → {o[0]['verdict']}")
+    return text
+
+
+def plot_tradeoff(records: list[dict], kl_floor: float = 1e-6):
+    """ΔPPL and KL (log scale, values below ``kl_floor`` drawn at the floor) against bits per
+    weight, one marker per method; lossless points circled.  Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    markers = {"rtn": "o", "gptq": "s", "awq": "^", "imatrix": "D", "gguf": "P"}
+    for m in METHOD_ORDER:
+        rs = sorted((r for r in records if r["method"] == m), key=lambda r: r["bpw"])
+        if not rs:
+            continue
+        x = [r["bpw"] for r in rs]
+        ax1.scatter(x, [r["delta_ppl"] for r in rs], marker=markers.get(m, "x"), label=m)
+        ax2.scatter(x, [max(r["kl_mean"], kl_floor) for r in rs], marker=markers.get(m, "x"),
+                    label=m)
+        for r in rs:
+            if r.get("lossless"):
+                for ax, y in ((ax1, r["delta_ppl"]), (ax2, kl_floor)):
+                    ax.scatter([r["bpw"]], [y], s=250, facecolors="none", edgecolors="k")
+                ax2.annotate("lossless", (r["bpw"], kl_floor), textcoords="offset points",
+                             xytext=(8, 4))
+    ax1.axhline(0, color="grey", lw=0.8)
+    ax1.set(xlabel="bits per weight (linears, scales included)", ylabel="ΔPPL vs base",
+            title="perplexity increase")
+    ax2.set_yscale("log")
+    ax2.axhline(kl_floor, color="grey", lw=0.8, ls=":")
+    ax2.set(xlabel="bits per weight (linears, scales included)",
+            ylabel=f"KL(base ‖ quantized), nats (floor {kl_floor:g})", title="KL divergence")
+    ax1.legend()
+    fig.tight_layout()
+    return fig
