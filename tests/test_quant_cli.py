@@ -47,7 +47,8 @@ def test_rtn_q4_1_setting_is_lossless_with_eval(capsys, tmp_path):
                 "seconds_quantize", "delta_nll", "delta_nll_stderr", "top1_agreement"):
         assert key in rec, key
     assert rec["bpw"] == 5.0 and rec["group_size"] == 32 and rec["sym"] is False
-    assert rec["kl_mean"] == 0.0 and rec["ppl"] == rec["ppl_base"] and rec["lossless"]
+    assert rec["lossless"] and rec["max_abs_weight_change"] == 0.0
+    assert rec["kl_mean"] == 0.0 and rec["ppl"] == rec["ppl_base"] and rec["delta_nll"] == 0.0
     assert abs(rec["file_bytes"] / rec["size_bytes"] - 1) < 0.01
     assert rec["embedding_quantized"] is False and rec["n_layers"] == 210
 
@@ -60,6 +61,7 @@ def test_gguf_q4_0_loses_something(capsys):
     rec = json.loads(out.out)
     assert rec["type"] == "Q4_0" and rec["bpw"] == 4.5 and rec["bits"] == 4
     assert rec["kl_mean"] > 0 and rec["ppl"] != rec["ppl_base"] and not rec["lossless"]
+    assert rec["max_abs_weight_change"] > 0
 
 
 def test_missing_method_module_is_a_clear_error(monkeypatch):

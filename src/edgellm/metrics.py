@@ -166,8 +166,12 @@ def token_logprobs(model, tokens: torch.Tensor, protocol: str = "gptq", ctx: int
         out["target"].append(tgt.flatten())
         if reference is not None:
             logp = logits.log_softmax(-1)
-            logr = forward_logits(reference, ids, keep)[:, :-1].float().log_softmax(-1)
-            out["nll_ref"].append(-logr.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().flatten())
+            ref_logits = forward_logits(reference, ids, keep)[:, :-1].float()
+            # same formula as nll above, so identical models give identical nll and nll_ref
+            nll_ref = (torch.logsumexp(ref_logits, -1)
+                       - ref_logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1))
+            out["nll_ref"].append(nll_ref.double().flatten())
+            logr = ref_logits.log_softmax(-1)
             kl = (logr.exp() * (logr - logp)).sum(-1)  # (B, L-1-first)
             out["kl"].append(kl.double().clamp_min(0).flatten())
             out["top1"].append((logr.argmax(-1) == logp.argmax(-1)).double().flatten())

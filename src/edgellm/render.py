@@ -38,7 +38,7 @@ HEADLINE_KEYS = ("ppl", "ppl_base", "nll", "kl_mean", "top1_agreement", "bpw", "
                  "model", "data")
 # keys a sweep may vary along (x axis of its plot), most telling first
 SWEEP_AXES = ("bits", "bpw", "group_size", "ctx", "size_bytes", "n_samples", "seq_len", "a_bits",
-              "kv_bits", "rank", "sparsity", "n_tokens")
+              "kv_bits", "rank", "sparsity", "stride")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,11 +161,12 @@ def _page(title: str, body: str, static: str) -> str:
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{html.escape(title)}</title>\n"
             f'<link rel="stylesheet" href="{static}/course.css">\n'
-            f'<script src="{static}/mathjax/MathJax.js?config={MATHJAX_CONFIG}"></script>\n'
             f"</head>\n<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "&mdash;"
     if isinstance(v, float):
         if v != v:
             return "nan"
@@ -203,8 +204,11 @@ def plot_sweep(sweep: dict, dest) -> Path | None:
         pts = sorted((r[axis], r[metric]) for r in records)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         ax.set_xlabel(axis)
+        lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
+        if lo > 0 and hi / lo >= 8:                       # doublings (ctx, group size) read best
+            ax.set_xscale("log", base=2)
     else:
-        labels = [_label(r, i) for i, r in enumerate(records)]
+        labels = [_label(r, i, records) for i, r in enumerate(records)]
         ax.bar(range(len(records)), [r[metric] for r in records])
         ax.set_xticks(range(len(records)), labels, rotation=30, ha="right", fontsize=7)
     if "ppl_base" in records[0] and metric == "ppl" and isinstance(records[0]["ppl_base"], float):
@@ -221,9 +225,14 @@ def plot_sweep(sweep: dict, dest) -> Path | None:
     return dest
 
 
-def _label(r: dict, i: int) -> str:
+def _label(r: dict, i: int, records: list[dict]) -> str:
+    """What tells this record apart: the string-valued keys that vary across the sweep."""
+    keys = [k for k, v in r.items() if isinstance(v, str) and k not in ("command",)
+            and len({str(x.get(k)) for x in records}) > 1]
+    if keys:
+        return ", ".join(str(r[k]) for k in keys[:2])
     cmd = r.get("command", "")
-    return " ".join(cmd.split()[1:4]) if cmd else f"#{i}"
+    return " ".join(cmd.split()[-2:]) if cmd else f"#{i}"
 
 
 def load_sweeps(results_dir=None) -> list[dict]:
@@ -276,13 +285,14 @@ def render_results(out, sweeps: list[dict] | None = None, notebooks: list[dict] 
         if png is not None:
             parts.append(f'<img src="{png.relative_to(out).as_posix()}" alt="plot of '
                          f'{html.escape(sweep["name"])}">')
-        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "command"]
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+                if k != "command" and any(r.get(k) is not None for r in rows)]
         head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in keys)
                        + f"<td><code>{html.escape(r.get('command', ''))}</code></td></tr>"
                        for r in rows)
-        parts.append(f'<table class="results"><thead><tr>{head}<th>command</th></tr></thead>'
-                     f"<tbody>{body}</tbody></table>")
+        parts.append(f'<div class="scroll"><table class="results"><thead><tr>{head}'
+                     f"<th>command</th></tr></thead><tbody>{body}</tbody></table></div>")
     write_json(summary, out / "results.json")
     write_text(_page("Results", "\n".join(parts), STATIC), out / "results.html")
     return summary
@@ -361,7 +371,8 @@ h1 { font-size: 1.7em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; 
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
 td, th { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
-table.results td code { font-size: 0.85em; }
+table.results td code { font-size: 0.85em; white-space: nowrap; }
+.scroll { overflow-x: auto; }
 .ok { color: #1a7f37; font-weight: 600; } .bad { color: #cf222e; font-weight: 600; }
 img { max-width: 100%; }
 """

@@ -185,6 +185,8 @@ async function lesson(context, net) {
     slider: { before: valueBefore, after: valueAfter },
     output: { before: before.text.slice(0, 300), after: after.text.slice(0, 300),
               imagesChanged: JSON.stringify(before.images) !== JSON.stringify(after.images) },
+    // tqdm.auto progress bars drawn as widgets by JupyterLab's widget manager
+    progressBars: await page.locator(".jp-NotebookPanel .widget-hprogress").count(),
     pageErrors: net.pageErrors.slice(0, 5),
   };
 }

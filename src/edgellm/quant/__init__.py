@@ -24,7 +24,11 @@ _LAZY = {
     "QTensor": "qtensor", "QuantError": "qtensor",
     "minmax_params": "rtn", "quantize_codes": "rtn", "dequantize_codes": "rtn",
     "fake_quant": "rtn", "quantize": "rtn", "fake_quantize": "rtn", "check_group_size": "rtn",
-    "apply_rtn": "rtn",
+    "apply_rtn": "rtn", "quantize_format": "formats", "apply_format": "formats",
+    "quantize_gguf": "gguf_formats", "apply_gguf": "gguf_formats",
+    "pack_bits": "pack", "unpack_bits": "pack", "model_size": "size",
+    "QuantLinear": "modules", "swap_in": "modules", "swap_out": "modules",
+    "save_quantized": "save", "load_quantized": "save", "quantize_model": "cli",
 }
 
 __all__ = sorted(_LAZY)

@@ -9,7 +9,8 @@
 ``--group-size 0`` (or ``channel``) quantizes per output channel.  With ``--eval`` a second,
 unquantized copy of the model is loaded as the reference: the quantized and the reference model
 score the same tokens, giving ``ppl``, ``ppl_base``, the paired ``delta_nll`` with its standard
-error, and ``kl_mean`` (KL(P_base ‖ P_quant) per token).  ``--out DIR`` saves the packed model
+error, ``kl_mean`` (KL(P_base ‖ P_quant) per token), and ``lossless`` (every quantized weight
+equals the original: true for asymmetric 4-bit g32, this model's source format).  ``--out DIR`` saves the packed model
 (:mod:`edgellm.quant.save`).  The tied embedding / lm_head is never quantized (reported apart).
 """
 
@@ -157,8 +158,16 @@ def evaluate_quantized(model, reference, tok, *, data: str = "pydoc", split: str
             "top1_agreement": r["top1"].mean().item(), "n_tokens": r["nll"].numel(),
             "protocol": protocol, "ctx": ctx, "data": data, "split": split,
             "data_sha256": sha256_text(load_text(data, split)), "max_tokens": max_tokens,
-            "chunks": chunks, "seconds_eval": time.perf_counter() - t0,
-            "lossless": bool(torch.equal(r["nll"], r["nll_ref"]))}
+            "chunks": chunks, "seconds_eval": time.perf_counter() - t0}
+
+
+def max_weight_change(model, reference) -> float:
+    """Largest |W_quantized - W_reference| over the decoder linears (0.0: nothing changed)."""
+    from ..models import linear_layers
+
+    ref = linear_layers(reference)
+    return max((lin.weight - ref[name].weight).abs().max().item()
+               for name, lin in linear_layers(model).items())
 
 
 def run(args) -> dict:
@@ -183,6 +192,8 @@ def run(args) -> dict:
         rec.update(out=str(args.out), file_bytes=os.path.getsize(folder / WEIGHTS))
     if args.eval:
         reference, _ = load_model(args.model, quiet=True)
+        change = max_weight_change(model, reference)
+        rec.update(max_abs_weight_change=change, lossless=change == 0.0)
         rec.update(evaluate_quantized(
             model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
             ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
