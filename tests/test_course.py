@@ -190,8 +190,22 @@ def test_exercises_are_up_to_date_with_solutions():
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=_ids(SOLUTIONS))
 def test_solution_notebook_follows_the_lab_conventions(path):
-    found = ex.exercises_of(nbformat.read(path, as_version=4), where=path.name)
+    nb = nbformat.read(path, as_version=4)
+    found = ex.exercises_of(nb, where=path.name)
     assert found, f"{path.name} has no exercise (### BEGIN SOLUTION ... ### END SOLUTION)"
+    assert not ex.defines_own_check(nb), (
+        f"{path.name} defines its own check(); use `from edgellm.exercises import check` (same "
+        "signature: check(name, got, want, atol=, rtol=)) so that the perturbation test works")
+
+
+def test_check_calls_are_found_by_syntax_not_by_text():
+    assert ex.calls_check("check('a', f(x), y, atol=1e-6)")
+    assert ex.calls_check("from edgellm import exercises\nexercises.check('a', 1, 1)")
+    assert not ex.calls_check("def check(name, got, want):\n    return got == want")
+    assert not ex.calls_check("# we check(ed) this by hand\nx = 1")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("def check(a, b):\n    pass")])
+    assert ex.defines_own_check(nb)
+    assert not ex.defines_own_check(nbformat.read(FIXTURE_LAB, as_version=4))
 
 
 @pytest.mark.notebook

@@ -172,9 +172,41 @@ def is_solution_cell(cell) -> bool:
     return cell.get("cell_type") == "code" and BEGIN in _src(cell)
 
 
+def calls_check(source: str) -> bool:
+    """Does this code call ``check(...)`` (or ``something.check(...)``)? Definitions don't count."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:                       # IPython magics: fall back to a regular expression
+        return bool(_CHECK_RE.search(source)) and "def check(" not in source
+    return any(isinstance(n, ast.Call) and (
+        (isinstance(n.func, ast.Name) and n.func.id == "check")
+        or (isinstance(n.func, ast.Attribute) and n.func.attr == "check")) for n in ast.walk(tree))
+
+
 def is_check_cell(cell) -> bool:
     return (cell.get("cell_type") == "code" and not is_solution_cell(cell)
-            and bool(_CHECK_RE.search(_src(cell))))
+            and calls_check(_src(cell)))
+
+
+def defines_own_check(nb) -> bool:
+    """True when a notebook defines its own ``check`` (which ignores EDGELLM_PERTURB)."""
+    import ast
+
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(_src(cell))
+        except SyntaxError:
+            continue
+        if any(isinstance(n, ast.FunctionDef | ast.Lambda) and getattr(n, "name", "") == "check"
+               or isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "check"
+                                                    for t in n.targets)
+               for n in ast.walk(tree)):
+            return True
+    return False
 
 
 def stub_source(source: str, *, where: str = "cell") -> tuple[str, list[str]]:

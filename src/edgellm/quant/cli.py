@@ -116,16 +116,21 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
             ids = get_calibration(calib, n_samples, seq_len, seed, tokenizer=tok)
             info.update(calib=calib, n_samples=n_samples, seq_len=seq_len)
         common = dict(bits=bits, group_size=group_size, sym=sym, progress=progress)
+        extra: dict = {}  # what a method reports about itself (mixed: the bits per layer)
         if bpw_budget is not None:
             fn = _import_method("mixed", "apply_mixed")
-            qts = _call(fn, model, ids, bpw_budget=bpw_budget, method=method, **common)
+            qts = _call(fn, model, ids, bpw_budget=bpw_budget, method=method, info=extra,
+                        **common)
             info["bpw_budget"] = bpw_budget
         elif method == "rtn":
             from .rtn import apply_rtn
 
             qts = apply_rtn(model, **common)
         else:
-            qts = _call(_import_method(method, CALIBRATED[method]), model, ids, **common)
+            qts = _call(_import_method(method, CALIBRATED[method]), model, ids, info=extra,
+                        **common)
+        if extra:
+            info["method_info"] = extra
     info["seconds_quantize"] = time.perf_counter() - t0
     info["n_layers"] = len(qts)
     return qts, info
