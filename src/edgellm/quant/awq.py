@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential
+from .calib import collect_inputs, layer_linears, sequential, single_thread
 from .qtensor import QTensor, QuantError
 from .rtn import check_bits, check_finite, check_group_size, fake_quant, minmax_params, quantize
 
@@ -85,6 +85,7 @@ def fake_quantize_range(W: torch.Tensor, bits: int, group_size: int | None, sym:
 
 
 @torch.no_grad()
+@single_thread()
 def search_scale(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tensor,
                  bits: int = 4, group_size: int | None = 64, sym: bool = False,
                  n_grid: int = 20, scale_dtype: torch.dtype | None = torch.float16):
@@ -123,6 +124,7 @@ def search_scale_linear(W: torch.Tensor, X: torch.Tensor, bits: int = 4,
 
 
 @torch.no_grad()
+@single_thread()
 def search_clip(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int | None = 64,
                 sym: bool = False, n_grid: int = 20, max_shrink: float = 0.5,
                 scale_dtype: torch.dtype | None = torch.float16) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential
+from .calib import collect_inputs, layer_linears, sequential, single_thread
 from .qtensor import QTensor, QuantError, dtype_bits
 from .rtn import (
     check_bits,
@@ -45,6 +45,7 @@ def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, imp: torch.Tensor,
 
 
 @torch.no_grad()
+@single_thread()
 def quantize_weighted(W: torch.Tensor, imp: torch.Tensor, bits: int = 4,
                       group_size: int | None = 64, sym: bool = False, n_grid: int = 20,
                       rmin: float = -1.0, rdelta: float = 0.1,
