@@ -98,9 +98,8 @@ def test_cli_prune_bad_input(capsys):
 
     assert main(["prune", "--method", "magnitude", "--sparsity", "1.0", "--json"]) == 2
     assert "sparsity=1.0 is outside [0, 1)" in capsys.readouterr().err
-    assert main(["prune", "--method", "magnitude", "--structured", "heads", "--ratio", "0.9",
-                 "--json"]) == 2
-    assert "zero heads" in capsys.readouterr().err
+    assert main(["prune", "--structured", "layers", "--ratio", "1.0", "--json"]) == 2
+    assert "ratio=1.0 is outside [0, 1)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prune", "--nm", "4:4"])
     with pytest.raises(PruneError):

@@ -151,6 +151,7 @@ def run(args) -> dict:
     from ..records import record
     from .accounting import forward_tokens_per_s, model_bytes, sparse_storage
 
+    _check_args(args)  # fail before loading anything
     model, tok = load_model(args.model, quiet=args.json)
     reference = copy.deepcopy(model)
     rec = prune_model(model, tok, method=args.method, sparsity=args.sparsity, nm=args.nm,
@@ -202,6 +203,20 @@ def run(args) -> dict:
                    file_bytes=os.path.getsize(os.path.join(args.out, "model.safetensors")))
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, seed=args.seed, model=args.model)
+
+
+def _check_args(args) -> None:
+    from .masks import PruneError, check_sparsity
+    from .structured import _check_ratio
+
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
+    if args.structured:
+        _check_ratio(args.ratio, args.structured)
+    if args.recover_steps < 0:
+        raise PruneError(f"--recover-steps {args.recover_steps} must be >= 0")
+    if args.n_samples < 1 or args.seq_len < 2:
+        raise PruneError("--n-samples must be >= 1 and --seq-len >= 2")
 
 
 def _lins(model):

@@ -70,7 +70,8 @@ def format_table(rows: list[dict]) -> str:
         ppl = f"{r['ppl']:.3f} ± {r['ppl_stderr']:.3f}" if r["ppl"] is not None else "-"
         dn = (f"{r['delta_nll']:+.4f} ± {r['delta_nll_stderr']:.4f}"
               if r["delta_nll"] is not None else "-")
-        kl = "lossless" if r["lossless"] else (f"{r['kl_mean']:.2e}" if r["kl_mean"] else "-")
+        kl = ("lossless" if r["lossless"] else
+              f"{r['kl_mean']:.2e}" if r["kl_mean"] is not None else "-")
         lines.append(f"{r['method']:<8} {r['bits']:>4} {r['group']:>7} {r['bpw']:>6.3f} "
                      f"{ppl:>15} {r['delta_ppl']:>+7.3f} {dn:>17} {kl:>9} "
                      f"{r['top1'] if r['top1'] is None else format(r['top1'], '.3f'):>6}")
