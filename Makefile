@@ -10,7 +10,7 @@ setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
 course: setup  ## execute every notebook in full mode into $(OUT), with a results summary
-	$(PY) -m edgellm.course run --out $(OUT)
+	$(PY) -W "ignore::RuntimeWarning:runpy" -m edgellm.course run --out $(OUT)
 
 test: setup  ## the whole suite: unit, integration on the default model, every notebook in FAST mode
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
