@@ -26,22 +26,18 @@ from __future__ import annotations
 import torch
 
 from ..quant.calib import collect_inputs, layer_linears, sequential
+from ..quant.gptq import hinv_cholesky
+from ..quant.qtensor import QuantError
 from .layers import apply_mask, check_target, prunable_linears, sparsity_stats
 from .masks import PruneError, check_nm, check_sparsity
 
 
 def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, (in, in) float32."""
-    H = H.clone()
-    H.diagonal().add_(damp * H.diagonal().mean())
+    """GPTQ's damped inverse-Hessian factor, with the error re-raised as a pruning error."""
     try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.cholesky_inverse(L)  # H⁻¹ from its Cholesky factor
-        return torch.linalg.cholesky(Hinv, upper=True)
-    except torch.linalg.LinAlgError:
-        raise PruneError(f"the damped Hessian ({H.shape[0]}×{H.shape[0]}) is not positive "
-                         f"definite; increase damp (now {damp}) or use more calibration tokens"
-                         ) from None
+        return hinv_cholesky(H, damp)
+    except QuantError as e:
+        raise PruneError(str(e)) from None
 
 
 def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -37,8 +37,15 @@ from __future__ import annotations
 import torch
 
 from .calib import collect_inputs, layer_linears, sequential, single_thread
-from .qtensor import QTensor, QuantError
-from .rtn import check_bits, check_finite, check_group_size, fake_quant, minmax_params, quantize
+from .qtensor import QTensor
+from .rtn import (
+    check_bits,
+    check_group_size,
+    check_linears,
+    fake_quant,
+    minmax_params,
+    quantize,
+)
 
 
 def output_sq_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -190,12 +197,7 @@ def apply_awq(model, calib, bits: int = 4, group_size: int | None = 64, sym: boo
     def quantize_layer(index, layer, stream):
         linears = layer_linears(model, index)
         p = f"model.layers.{index}."
-        for name, lin in linears.items():
-            try:
-                check_group_size(lin.in_features, group_size)
-                check_finite(lin.weight, name)
-            except QuantError as e:
-                raise QuantError(f"{name}: {e}") from None
+        check_linears(linears, group_size)  # fail early, with the layer's name
         stats = collect_inputs(layer, linears, stream, xtx=True)
         attn, mlp = layer.self_attn, layer.mlp
         H = {n: stats[n].xtx for n in linears}  # XᵀX per linear (shared objects for q/k/v...)

@@ -36,6 +36,7 @@ from .rtn import (
     check_bits,
     check_finite,
     check_group_size,
+    check_linears,
     code_range,
     minmax_params,
     quantize_codes,
@@ -202,12 +203,7 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
 
     def quantize_layer(index, layer, stream):
         linears = layer_linears(model, index)
-        for name, lin in linears.items():  # fail early, with the layer's name
-            try:
-                check_group_size(lin.in_features, group_size)
-                check_finite(lin.weight, name)
-            except QuantError as e:
-                raise QuantError(f"{name}: {e}") from None
+        check_linears(linears, group_size)  # fail early, with the layer's name
         stats = collect_inputs(layer, linears, stream, xtx=True)
         groups: dict[tuple, list[str]] = {}
         for name in linears:  # same input and same bits -> one stacked GPTQ problem

@@ -175,3 +175,13 @@ def apply_rtn(model: torch.nn.Module, bits: int | dict[str, int] = 4, group_size
         lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
         out[name] = qt
     return out
+
+
+def check_linears(linears: dict, group_size: int | None) -> None:
+    """Fail early, naming the layer: every weight finite and divisible into groups."""
+    for name, lin in linears.items():
+        try:
+            check_group_size(lin.in_features, group_size)
+            check_finite(lin.weight, name)
+        except QuantError as e:
+            raise QuantError(f"{name}: {e}") from None
