@@ -264,7 +264,6 @@ def _load_gguf(path: Path, dtype):
         quantization_config=GgufConfig(dequantize=True),
     )
     # a dense model now: drop the GGUF quantization record so save_pretrained works
-    model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None

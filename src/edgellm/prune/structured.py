@@ -36,6 +36,17 @@ from ..quant.calib import check_calibration, decoder_layers
 from .masks import PruneError
 
 
+def _forward_with_hooks(model, ids: torch.Tensor, batch_size: int, handles) -> int:
+    """Run the calibration batches through the model once, then remove the hooks; tokens seen."""
+    try:
+        for i in range(0, len(ids), batch_size):
+            model(input_ids=ids[i:i + batch_size], use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return ids.numel()
+
+
 def _check_ratio(ratio: float, what: str) -> float:
     try:
         r = float(ratio)
@@ -65,7 +76,6 @@ def input_energy(model, calib=None, *, batch_size: int = 4) -> dict[str, torch.T
         return {n: torch.ones(m.in_features) for n, m in targets.items()}
     ids = check_calibration(calib)
     sums = {n: torch.zeros(m.in_features) for n, m in targets.items()}
-    count = [0]
 
     def hook(name):
         def fn(module, args, output):
@@ -74,14 +84,8 @@ def input_energy(model, calib=None, *, batch_size: int = 4) -> dict[str, torch.T
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
-    try:
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i:i + batch_size], use_cache=False, logits_to_keep=1)
-            count[0] += ids[i:i + batch_size].numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: s / count[0] for n, s in sums.items()}
+    n_tok = _forward_with_hooks(model, ids, batch_size, handles)
+    return {n: s / n_tok for n, s in sums.items()}
 
 
 @torch.no_grad()
@@ -93,7 +97,6 @@ def block_influence(model, calib, *, batch_size: int = 4) -> torch.Tensor:
     ids = check_calibration(calib)
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    n_tok = [0]
 
     def hook(index):
         def fn(module, args, kwargs, output):
@@ -105,14 +108,8 @@ def block_influence(model, calib, *, batch_size: int = 4) -> torch.Tensor:
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
-    try:
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i:i + batch_size], use_cache=False, logits_to_keep=1)
-            n_tok[0] += ids[i:i + batch_size].numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / n_tok[0]).float()
+    n_tok = _forward_with_hooks(model, ids, batch_size, handles)
+    return (sums / n_tok).float()
 
 
 def channel_scores(W_down: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
