@@ -1,4 +1,4 @@
-"""`make bench`: measure the foundation and record it in BENCHMARKS.md (between markers).
+"""`make bench`: measure the foundation and weight quantization; record them in BENCHMARKS.md.
 
 Also regenerates tests/fixtures/llamacpp_perplexity.json: llama.cpp's own llama-perplexity on an
 f32 GGUF converted from the cached default model, which a test compares with our `llamacpp`
@@ -122,9 +122,46 @@ def write_section(lines: list[str], name: str = "foundation") -> None:
     write_text(text, path)
 
 
+def quant_section() -> list[str]:
+    """GPTQ and AWQ on all 210 linears with 128×512 calibration tokens, against the floor of two
+    plain forward passes over the same tokens measured in the same run (issue: Quantization I)."""
+    from edgellm.quant.gptq import benchmark
+
+    r = benchmark(n_samples=128, seq_len=512, bits=4, group_size=64)
+    floor = r["seconds_two_forward"]
+    return [
+        "## Weight quantization (`make bench`)",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. 4-bit, groups of 64, "
+        f"asymmetric; calibration {r['n_samples']}×{r['seq_len']} tokens of the pydoc train split "
+        f"(seed 0); all 210 decoder linears.",
+        "",
+        "| what | seconds | × floor | goal |",
+        "|---|---|---|---|",
+        f"| floor: two plain forward passes over the calibration tokens | {floor:.0f} | 1.00 | |",
+        f"| GPTQ (collect inputs, Hessians, quantize, propagate) | {r['seconds_gptq']:.0f} | "
+        f"{r['gptq_over_floor']:.2f} | ≤ 1.5 |",
+        f"| AWQ (scale grid + clip search per layer) | {r['seconds_awq']:.0f} | "
+        f"{r['awq_over_floor']:.2f} | recorded |",
+        f"| peak RSS of this run | {r['peak_rss_bytes'] / 2**30:.2f} GiB | | ≤ 4 GB |",
+    ]
+
+
+SECTIONS = ("foundation", "quant")
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", choices=SECTIONS, action="append",
+                    help="measure only these sections (default: all)")
+    only = ap.parse_args().only or SECTIONS
     torch.manual_seed(0)
+    if "quant" in only:
+        lines = quant_section()
+        write_section(lines, "quant")
+        print("\n".join(lines))
+    if "foundation" not in only:
+        return
     loads = load_times()
     model, tok = load_model(quiet=True)
     tp = throughput(model, tok)

@@ -62,3 +62,21 @@ def test_recorded_sweeps_are_well_formed():
     if lossless is not None:  # the Q4_1 provenance: asymmetric 4-bit g32 RTN reproduces the model
         assert lossless.get("max_abs_weight_change", 0.0) == 0.0
         assert abs(lossless["delta_nll"]) < 1e-4 and lossless["kl_mean"] < 1e-6
+
+
+def test_mixed_and_gguf_records_get_their_own_labels():
+    mixed = {**_rec("rtn", 4, 64, 0.3, 0.02), "bpw_budget": 3.5, "bpw": 3.49}
+    q4 = {**_rec("gguf", 4, 32, 0.1, 0.01), "type": "Q4_0"}
+    records = [*RECORDS, mixed, q4]
+    assert compare.select(records, "rtn", 4, 64) is None      # mixed is not uniform RTN
+    assert compare.select(records, "rtn-mixed", 4, 64) is mixed
+    assert compare.select(records, "Q4_0", 4, 32) is q4
+    assert (3, 64) in compare.settings(records) and (4, 32) in compare.settings(records)
+    labels = [r["method"] for r in compare.table(records)]
+    assert "rtn-mixed" in labels and "Q4_0" in labels
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = compare.plot_tradeoff(records)
+    assert fig.axes[0].get_yscale() == "symlog"
+    assert any(t.get_text() == "Q4_0" for t in fig.axes[1].texts)

@@ -19,16 +19,22 @@ import math
 
 from ..metrics import mean_stderr, token_logprobs
 
-SWEEPS = ("03_lossless", "03_w4g64", "03_w3g64", "03_w4channel")
-METHOD_ORDER = ("rtn", "gptq", "awq", "imatrix", "gguf")
+METHOD_ORDER = ("rtn", "gptq", "awq", "imatrix", "rtn-mixed", "gptq-mixed", "gguf")
 
 
-def load_results(names=SWEEPS) -> list[dict]:
+def sweeps() -> list[str]:
+    """Lesson 03's recorded sweeps: every ``results/03_*.json``."""
+    from ..results import sweep_names
+
+    return [n for n in sweep_names() if n.startswith("03_")]
+
+
+def load_results(names=None) -> list[dict]:
     """All records of lesson 03's sweeps (missing or not yet run sweeps give no records)."""
     from ..results import load_records
 
     out = []
-    for n in names:
+    for n in sweeps() if names is None else names:
         try:
             out += load_records(n)
         except FileNotFoundError:
@@ -40,12 +46,24 @@ def group_label(group_size) -> str:
     return "channel" if group_size is None else f"g{group_size}"
 
 
+def method_label(r: dict) -> str:
+    """``rtn``, ``gptq``…; ``rtn-mixed`` for a mixed-precision record (one with a bpw budget);
+    the llama.cpp type (``Q4_0``…) for a ``gguf`` record."""
+    if r["method"] == "gguf":
+        return r.get("type", "gguf")
+    return r["method"] + ("-mixed" if r.get("bpw_budget") is not None else "")
+
+
+def _order(label: str) -> int:
+    return METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def table(records: list[dict]) -> list[dict]:
     """One row per record, sorted by bits, granularity and method: the lesson's results table."""
     rows = []
     for r in records:
         rows.append({
-            "method": r["method"], "bits": r["bits"], "group": group_label(r.get("group_size")),
+            "method": method_label(r), "bits": r["bits"], "group": group_label(r.get("group_size")),
             "bpw": r.get("bpw"), "MB (linears)": r.get("size_bytes_linears", 0) / 1e6,
             "ppl": r.get("ppl"), "ppl_stderr": r.get("ppl_stderr"), "ppl_base": r.get("ppl_base"),
             "delta_ppl": r.get("delta_ppl"), "delta_nll": r.get("delta_nll"),
@@ -55,15 +73,14 @@ def table(records: list[dict]) -> list[dict]:
         })
 
     def key(row):
-        m = row["method"]
-        return (-(row["bits"] or 0), row["group"], METHOD_ORDER.index(m) if m in METHOD_ORDER else 9)
+        return (-(row["bits"] or 0), row["group"], _order(row["method"]), -row["bpw"])
 
     return sorted(rows, key=key)
 
 
 def format_table(rows: list[dict]) -> str:
     """The table as fixed-width text."""
-    head = (f"{'method':<8} {'bits':>4} {'group':>7} {'bpw':>6} {'PPL ± se':>15} {'ΔPPL':>7} "
+    head = (f"{'method':<10} {'bits':>4} {'group':>7} {'bpw':>6} {'PPL ± se':>15} {'ΔPPL':>7} "
             f"{'ΔNLL ± se':>17} {'KL':>9} {'top1':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -72,18 +89,26 @@ def format_table(rows: list[dict]) -> str:
               if r["delta_nll"] is not None else "-")
         kl = ("lossless" if r["lossless"] else
               f"{r['kl_mean']:.2e}" if r["kl_mean"] is not None else "-")
-        lines.append(f"{r['method']:<8} {r['bits']:>4} {r['group']:>7} {r['bpw']:>6.3f} "
+        lines.append(f"{r['method']:<10} {r['bits']:>4} {r['group']:>7} {r['bpw']:>6.3f} "
                      f"{ppl:>15} {r['delta_ppl']:>+7.3f} {dn:>17} {kl:>9} "
                      f"{r['top1'] if r['top1'] is None else format(r['top1'], '.3f'):>6}")
     return "\n".join(lines)
 
 
 def select(records: list[dict], method: str, bits: int, group_size) -> dict | None:
-    """The record of one (method, bits, group size), or None."""
+    """The record of one (method, bits, group size), or None.  ``method`` is a
+    :func:`method_label`: mixed-precision records are ``rtn-mixed``/``gptq-mixed`` (their
+    ``bits`` is the starting width, not what every layer got), never plain ``rtn``."""
     for r in records:
-        if r["method"] == method and r["bits"] == bits and r.get("group_size") == group_size:
+        if method_label(r) == method and r["bits"] == bits and r.get("group_size") == group_size:
             return r
     return None
+
+
+def settings(records: list[dict]) -> list[tuple]:
+    """The (bits, group size) pairs that have an RTN record, most bits first."""
+    pairs = {(r["bits"], r.get("group_size")) for r in records if method_label(r) == "rtn"}
+    return sorted(pairs, key=lambda p: (-p[0], p[1] is not None, -(p[1] or 0)))
 
 
 def ordering(records: list[dict], bits: int, group_size, baseline: str = "rtn",
@@ -123,7 +148,8 @@ def describe(records: list[dict], method: str, bits: int, group_size) -> str:
     r = select(records, method, bits, group_size)
     label = f"{method} {bits}-bit {group_label(group_size)}"
     if r is None:
-        have = sorted({(x['method'], x['bits'], group_label(x.get('group_size'))) for x in records})
+        have = sorted({(method_label(x), x['bits'], group_label(x.get('group_size')))
+                       for x in records})
         return f"{label}: not recorded. Recorded: " + ", ".join(" ".join(map(str, h)) for h in have)
     text = (f"{label}: {r['bpw']:.3f} bits/weight, linears {r['size_bytes_linears'] / 1e6:.1f} MB\n"
             f"PPL {r['ppl']:.3f} ± {r['ppl_stderr']:.3f} (base {r['ppl_base']:.3f}), "
@@ -140,20 +166,31 @@ def describe(records: list[dict], method: str, bits: int, group_size) -> str:
 
 
 def plot_tradeoff(records: list[dict], kl_floor: float = 1e-6):
-    """ΔPPL and KL (log scale, values below ``kl_floor`` drawn at the floor) against bits per
-    weight, one marker per method; lossless points circled.  Returns the matplotlib figure."""
+    """ΔPPL (symmetric log scale) and KL (log scale, values below ``kl_floor`` drawn at the
+    floor) against bits per weight, one marker per method; llama.cpp's block formats joined by a
+    line and labelled; lossless points circled.  Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    markers = {"rtn": "o", "gptq": "s", "awq": "^", "imatrix": "D", "gguf": "P"}
-    for m in METHOD_ORDER:
-        rs = sorted((r for r in records if r["method"] == m), key=lambda r: r["bpw"])
-        if not rs:
-            continue
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {"rtn": "o", "gptq": "s", "awq": "^", "imatrix": "D", "rtn-mixed": "v",
+               "gptq-mixed": "<", "gguf": "P"}
+    by_label: dict[str, list[dict]] = {}
+    for r in records:
+        by_label.setdefault("gguf" if r["method"] == "gguf" else method_label(r), []).append(r)
+    for m in sorted(by_label, key=_order):
+        rs = sorted(by_label[m], key=lambda r: r["bpw"])
         x = [r["bpw"] for r in rs]
-        ax1.scatter(x, [r["delta_ppl"] for r in rs], marker=markers.get(m, "x"), label=m)
-        ax2.scatter(x, [max(r["kl_mean"], kl_floor) for r in rs], marker=markers.get(m, "x"),
-                    label=m)
+        kl = [max(r["kl_mean"], kl_floor) for r in rs]
+        style = dict(marker=markers.get(m, "x"), label="llama.cpp (gguf)" if m == "gguf" else m)
+        if m == "gguf":  # the seed's figure: one curve through the block formats
+            ax1.plot(x, [r["delta_ppl"] for r in rs], color="k", lw=1, **style)
+            ax2.plot(x, kl, color="k", lw=1, **style)
+            for r, k in zip(rs, kl):
+                ax2.annotate(method_label(r), (r["bpw"], k), textcoords="offset points",
+                             xytext=(4, -12), fontsize=8)
+        else:
+            ax1.scatter(x, [r["delta_ppl"] for r in rs], **style)
+            ax2.scatter(x, kl, **style)
         for r in rs:
             if r.get("lossless"):
                 for ax, y in ((ax1, r["delta_ppl"]), (ax2, kl_floor)):
@@ -161,12 +198,13 @@ def plot_tradeoff(records: list[dict], kl_floor: float = 1e-6):
                 ax2.annotate("lossless", (r["bpw"], kl_floor), textcoords="offset points",
                              xytext=(8, 4))
     ax1.axhline(0, color="grey", lw=0.8)
-    ax1.set(xlabel="bits per weight (linears, scales included)", ylabel="ΔPPL vs base",
-            title="perplexity increase")
+    ax1.set_yscale("symlog", linthresh=0.1)
+    ax1.set(xlabel="bits per weight (linears, scales included)",
+            ylabel="ΔPPL vs base (symlog)", title="perplexity increase")
     ax2.set_yscale("log")
     ax2.axhline(kl_floor, color="grey", lw=0.8, ls=":")
     ax2.set(xlabel="bits per weight (linears, scales included)",
             ylabel=f"KL(base ‖ quantized), nats (floor {kl_floor:g})", title="KL divergence")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     fig.tight_layout()
     return fig
