@@ -46,7 +46,7 @@ def test_kl_of_the_model_against_itself():
 
 @pytest.mark.parametrize("args,message", [
     (["ppl", "--model", "nonesuch"], "unknown model name 'nonesuch'; registered names: smollm2-135m"),
-    (["ppl", "--data", "nonesuch"], "unknown corpus 'nonesuch'; registered corpora: pydoc, wikitext2"),
+    (["ppl", "--data", "nonesuch"], "unknown corpus 'nonesuch'; registered corpora: pydoc, stdlib, wikitext2"),
     (["ppl", "--ctx", "100000"], "ctx=100000 exceeds the model's maximum of 8192 positions"),
     (["ppl", "--max-tokens", "100", "--ctx", "512"], "the text has 100 tokens; protocol 'gptq' with ctx=512 needs at least 512"),
     (["ppl", "--model", "HuggingFaceTB/SmolLM2-360M"], "offline default 'smollm2-135m'"),

@@ -1,10 +1,13 @@
 """Corpora, splits and calibration windows."""
 
+import platform
+
 import pytest
 import torch
 
 from edgellm.data import (
     CorpusError,
+    corpus_info,
     corpus_names,
     get_calibration,
     load_text,
@@ -14,7 +17,7 @@ from edgellm.data import (
 
 
 def test_registry_lists_corpora():
-    assert {"pydoc", "wikitext2"} <= set(corpus_names())
+    assert {"pydoc", "stdlib", "wikitext2"} <= set(corpus_names())
 
 
 def test_pydoc_splits_are_deterministic_contiguous_and_cover_the_text():
@@ -27,7 +30,7 @@ def test_pydoc_splits_are_deterministic_contiguous_and_cover_the_text():
 
 
 def test_unknown_corpus_and_split():
-    with pytest.raises(CorpusError, match="unknown corpus 'wiki'; registered corpora: pydoc, wikitext2"):
+    with pytest.raises(CorpusError, match="unknown corpus 'wiki'; registered corpora: pydoc, stdlib, wikitext2"):
         load_text("wiki")
     with pytest.raises(CorpusError, match="unknown split 'dev'"):
         load_text("pydoc", "dev")
@@ -71,3 +74,63 @@ def test_calibration_windows_are_reproducible_and_from_train(default_model):
         assert " ".join(map(str, row)) in s
     with pytest.raises(CorpusError, match="needs at least"):
         get_calibration("pydoc", n_samples=1, seq_len=10**6, tokenizer=tok)
+
+
+def _fake_stdlib(tmp_path, monkeypatch, files):
+    """A stdlib folder in tmp_path holding ``files`` {path: text}, pinned in a fake registry."""
+    from edgellm import data
+
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    entry = {"files": list(files), "sha256": {"python": "3.11.7",
+                                              "files": {r: sha256_text(t) for r, t in files.items()}}}
+    monkeypatch.setattr(data, "corpus_info", lambda name: entry)
+    monkeypatch.delenv("EDGELLM_STDLIB_UNPINNED", raising=False)
+    return entry
+
+
+def test_stdlib_text_joins_the_listed_files_in_order(tmp_path, monkeypatch):
+    from edgellm.data import stdlib_text
+
+    _fake_stdlib(tmp_path, monkeypatch, {"b.py": "x = 1\n", "json/a.py": "def f():\n    pass\n"})
+    assert stdlib_text(tmp_path) == "# file: b.py\nx = 1\n\n\n# file: json/a.py\ndef f():\n    pass\n"
+
+
+def test_stdlib_hash_mismatch_and_missing_file_are_clear_errors(tmp_path, monkeypatch):
+    from edgellm.data import stdlib_text
+
+    _fake_stdlib(tmp_path, monkeypatch, {"a.py": "a = 1\n", "b.py": "b = 2\n"})
+    (tmp_path / "b.py").write_text("b = 3\n")  # a different Python's version of the file
+    with pytest.raises(CorpusError, match=r"pinned to the files of Python 3\.11\.7, but 1 of 2 "
+                                          r"differ .*: b\.py\. .*EDGELLM_STDLIB_UNPINNED=1"):
+        stdlib_text(tmp_path)
+    assert stdlib_text(tmp_path, verify=False).endswith("b = 3\n")
+    monkeypatch.setenv("EDGELLM_STDLIB_UNPINNED", "1")
+    assert stdlib_text(tmp_path).endswith("b = 3\n")
+    (tmp_path / "a.py").unlink()
+    with pytest.raises(CorpusError, match=r"needs a\.py, which is not in"):
+        stdlib_text(tmp_path)
+
+
+def test_stdlib_registry_lists_pure_python_modules():
+    from edgellm.data import corpus_info
+
+    info = corpus_info("stdlib")
+    assert len(info["files"]) >= 20 and len(set(info["files"])) == len(info["files"])
+    assert all(f.endswith(".py") for f in info["files"])
+    assert set(info["sha256"]["files"]) == set(info["files"])
+
+
+@pytest.mark.skipif(platform.python_version() != corpus_info("stdlib")["sha256"]["python"],
+                    reason="the stdlib corpus is pinned to another Python version")
+def test_stdlib_corpus_matches_its_pinned_hash_and_splits():
+    info = corpus_info("stdlib")["sha256"]
+    load_text.cache_clear()
+    whole = load_text("stdlib", "all")
+    assert sha256_text(whole) == info["all"]
+    parts = [load_text("stdlib", s) for s in ("train", "validation", "test")]
+    assert "\n\n".join(parts) == whole
+    assert {s: len(p) for s, p in zip(("train", "validation", "test"), parts, strict=True)} == \
+        {k: v for k, v in info["chars"].items() if k != "all"}
+    assert "# file: argparse.py\n" in parts[0] and "def " in parts[2]  # code, not prose

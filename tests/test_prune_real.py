@@ -100,6 +100,8 @@ def test_cli_prune_bad_input(capsys):
     assert "sparsity=1.0 is outside [0, 1)" in capsys.readouterr().err
     assert main(["prune", "--structured", "layers", "--ratio", "1.0", "--json"]) == 2
     assert "ratio=1.0 is outside [0, 1)" in capsys.readouterr().err
+    assert main(["prune", "--calib", "nonesuch", "--json"]) == 2  # before loading the model
+    assert "unknown corpus 'nonesuch'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prune", "--nm", "4:4"])
     with pytest.raises(PruneError):
@@ -108,16 +110,21 @@ def test_cli_prune_bad_input(capsys):
         prune_model(None, method="obs")
 
 
-def test_cli_prune_json_keys(capsys):
+def test_cli_prune_json_keys(capsys, monkeypatch):
     from edgellm.cli import main
+    from edgellm.prune import accounting
 
+    # the paired speed measurement is what tokens_per_s reports, even after --eval
+    monkeypatch.setattr(accounting, "paired_tokens_per_s", lambda *a, **k: (123.0, 100.0))
     # weights-only channel scores: no calibration pass, so this stays cheap
     assert main(["prune", "--method", "magnitude", "--structured", "channels", "--ratio", "0.1",
-                 "--json"]) == 0
+                 "--eval", "--ctx", "32", "--max-tokens", "64", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     for key in ("method", "sparsity", "ppl", "ppl_base", "kl_mean", "n_params", "size_bytes",
                 "tokens_per_s"):
         assert key in rec
+    assert rec["tokens_per_s"] == 123.0 and rec["tokens_per_s_base"] == 100.0
+    assert rec["ppl"] > rec["ppl_base"] > 1
     assert rec["intermediate_size"] == 1376 and rec["structured"] == "channels"
     assert rec["n_params"] < rec["n_params_base"] and rec["size_bytes"] < rec["size_bytes_base"]
     assert rec["sparsity"] < 1e-3  # nothing zeroed: the matrices are smaller instead

@@ -121,6 +121,10 @@ def test_structured_bad_input():
         drop_layers(m, [0, 1, 2, 3])  # pruning every layer
     with pytest.raises(PruneError, match=r"outside \[0, 1\)"):
         prune_layers(m, _calib(), 1.0)
+    with pytest.raises(PruneError, match="would remove all 4 layers"):
+        prune_layers(m, _calib(), 0.9)  # round(0.9 * 4) = 4: every layer
+    with pytest.raises(PruneError, match="no MLP channel"):
+        apply_structured(m, None, "channels", 0.9)  # 128 channels, kept in multiples of 32
     with pytest.raises(PruneError, match="calibration"):
         prune_layers(m, None, 0.5)
     with pytest.raises(PruneError, match="structured="):

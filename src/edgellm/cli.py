@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live next to their technique: each module defines
 # ``add_parser(subparsers, add_eval_args)`` (setting ``func=run`` as a default) and ``run(args)``.
-COMMAND_MODULES = ("edgellm.quant.cli", "edgellm.prune.cli")
+COMMAND_MODULES = ("edgellm.quant.cli", "edgellm.prune.cli", "edgellm.quant.bnb_cli")
 
 
 def _command_modules():

@@ -6,6 +6,13 @@ Corpora:
   The topics are joined in sorted-key order with blank lines and split at paragraph boundaries
   into train (first 80 % of characters), validation (next 10 %) and test (last 10 %).  The text
   changes between Python versions, so every result records its sha256.
+* ``stdlib`` — Python source code: a fixed list of pure-Python standard-library modules (the
+  registry's ``files``), read from the running interpreter's ``sysconfig`` stdlib folder, each
+  preceded by a ``# file: <path>`` line, joined with blank lines and split like ``pydoc``.  The
+  files change between Python versions, so each one is checked against the sha256 pinned in the
+  registry; a mismatch is an error (set ``EDGELLM_STDLIB_UNPINNED=1`` to use the local files
+  anyway: results then record a different ``data_sha256``).  A second, genuinely different
+  domain (code, not prose) for contextual pruning and calibration experiments.
 * ``wikitext2`` — WikiText-2 (raw).  From ``$EDGELLM_WIKITEXT2`` (a ``wiki.test.raw`` file or a
   folder holding ``wiki.{train,valid,test}.raw``) or, when online, from the hub.  Joined with
   ``"\\n\\n"`` between lines as in the GPTQ evaluation code.
@@ -61,6 +68,50 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def stdlib_dir() -> Path:
+    """The running interpreter's standard-library folder (``sysconfig.get_paths()["stdlib"]``)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_text(root: str | os.PathLike | None = None, *, verify: bool | None = None) -> str:
+    """The ``stdlib`` corpus: the registry's fixed list of standard-library modules, in order.
+
+    Each file is read as UTF-8 text (universal newlines) and preceded by ``# file: <path>``;
+    files are joined with a blank line.  ``root`` defaults to :func:`stdlib_dir`.  With
+    ``verify`` (default: unless ``$EDGELLM_STDLIB_UNPINNED`` is set) every file's sha256 must
+    match the registry's, otherwise :class:`CorpusError` names the files that differ.
+    """
+    import platform
+
+    info = corpus_info("stdlib")
+    pinned = info["sha256"]
+    root = stdlib_dir() if root is None else Path(root)
+    if verify is None:
+        verify = not os.environ.get("EDGELLM_STDLIB_UNPINNED")
+    parts, changed = [], []
+    for rel in info["files"]:
+        path = root / rel
+        if not path.is_file():
+            raise CorpusError(f"the stdlib corpus needs {rel}, which is not in {root}; this "
+                              "Python's standard library lacks it (pinned for Python "
+                              f"{pinned['python']})")
+        text = path.read_text(encoding="utf-8")
+        if verify and sha256_text(text) != pinned["files"][rel]:
+            changed.append(rel)
+        parts.append(f"# file: {rel}\n{text}")
+    if changed:
+        raise CorpusError(
+            f"the stdlib corpus is pinned to the files of Python {pinned['python']}, but "
+            f"{len(changed)} of {len(info['files'])} differ in this Python "
+            f"({platform.python_version()}): {', '.join(changed)}. Results would not be "
+            "comparable with the recorded ones; run under Python "
+            f"{pinned['python']}, or set EDGELLM_STDLIB_UNPINNED=1 to use these files anyway "
+            "(each result records the sha256 of the text it used)")
+    return "\n\n".join(parts)
+
+
 @lru_cache(maxsize=16)
 def load_text(corpus: str = "pydoc", split: str = "test") -> str:
     """The text of one split of a corpus (a registry name or a path to a text file)."""
@@ -68,6 +119,9 @@ def load_text(corpus: str = "pydoc", split: str = "test") -> str:
         raise CorpusError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} or 'all'")
     if corpus == "pydoc":
         text = pydoc_text()
+        return text if split == "all" else _split_by_fraction(text)[split]
+    if corpus == "stdlib":
+        text = stdlib_text()
         return text if split == "all" else _split_by_fraction(text)[split]
     if corpus == "wikitext2":
         return _wikitext2(split)

@@ -6,7 +6,9 @@ A sweep is a file ``results/<name>.json``::
      "records": [{... "command": "edgellm ppl --ctx 64 ..."}, ...]}
 
 ``commands`` is the specification (written by hand); ``records`` are what ``make results``
-(``edgellm results --run``) produced by running each command with ``--json``.  Lessons load the
+(``edgellm results --run``) produced by running each command with ``--json``.  A sweep marked
+``"pending": true`` is specified but not run yet (its ``records`` are empty; lessons say so and
+``edgellm results --run NAME`` fills it in).  Lessons load the
 records in full mode and recompute one point live; a test re-runs a sampled record.
 """
 
@@ -69,5 +71,6 @@ def run_sweep(name: str, *, progress: bool = True) -> dict:
             print(f"[{name} {i}/{len(sweep['commands'])}] {cmd}", flush=True)
         records.append(run_command(cmd))
     sweep["records"] = records
+    sweep.pop("pending", None)
     write_json(sweep, RESULTS_DIR / f"{name}.json")
     return sweep

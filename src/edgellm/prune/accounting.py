@@ -69,6 +69,28 @@ def forward_tokens_per_s(model, tokens: torch.Tensor, *, seq_len: int = 256, bat
 
 
 @torch.inference_mode()
+def paired_tokens_per_s(model, reference, tokens: torch.Tensor, *, seq_len: int = 256,
+                        batch_size: int = 1, repeats: int = 5) -> tuple[float, float]:
+    """Forward tokens/s of ``model`` and of ``reference``, timed alternately (best of
+    ``repeats`` each), so a change in the machine's load hits both alike; returns
+    ``(model tokens/s, reference tokens/s)``.  Their ratio is the honest speed-up."""
+    if len(tokens) < batch_size * seq_len:
+        from .masks import PruneError
+
+        raise PruneError(f"{len(tokens)} tokens are too few to time {batch_size} x {seq_len}")
+    ids = tokens[:batch_size * seq_len].view(batch_size, seq_len)
+    best = [float("inf"), float("inf")]
+    for m in (model, reference):
+        m(input_ids=ids[:, :8], use_cache=False)  # warm-up
+    for _ in range(repeats):
+        for i, m in enumerate((model, reference)):
+            t0 = time.perf_counter()
+            m(input_ids=ids, use_cache=False, logits_to_keep=1)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return ids.numel() / best[0], ids.numel() / best[1]
+
+
+@torch.inference_mode()
 def matmul_speed(shape=(1536, 576), *, sparsity: float = 0.5, n_tokens: int = 512,
                  repeats: int = 10, seed: int = 0) -> dict:
     """Dense matmul time of a dense matrix vs the same matrix with ``sparsity`` zeros vs a matrix

@@ -1,7 +1,9 @@
 """Views for the lesson: a mask viewer on a real weight matrix and PPL over a recorded sweep.
 
 The widget is a thin view: :func:`mask_for` and :func:`sweep_points` are the pure functions
-(tested directly); :func:`sparsity_widget` only wires them to sliders.
+(tested directly); :func:`sparsity_widget` only wires them to sliders.  :func:`plot_sweep`
+draws perplexity against sparsity; :func:`structured_rows` and :func:`contextual_table` turn
+recorded ``edgellm prune`` records into the lesson's tables.
 """
 
 from __future__ import annotations
@@ -31,37 +33,100 @@ def mask_for(W: torch.Tensor, method: str = "magnitude", sparsity: float = 0.5,
 
 def sweep_points(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """``{label: [(sparsity, ppl), ...]}`` from ``edgellm prune`` records (N:M records get their
-    own labels such as ``wanda 2:4``), sorted by sparsity; plus ``dense`` from ``ppl_base``."""
-    out: dict[str, list] = {}
+    own labels such as ``wanda 2:4``), sorted by sparsity; plus ``dense`` from ``ppl_base``.
+
+    Only unstructured / N:M records calibrated and evaluated on the same corpus are used
+    (structured and cross-domain records are skipped); a repeated point keeps the first record.
+    """
+    out: dict[str, dict] = {}
     for r in records:
         if r.get("ppl") is None or r.get("structured"):
             continue
+        if r.get("calib") not in (None, r.get("data")):  # contextual (cross-domain) records
+            continue
         label = r["method"] + (f" {r['nm']}" if r.get("nm") else "")
-        out.setdefault(label, []).append((float(r["sparsity"]), float(r["ppl"])))
-        out.setdefault("dense", [(0.0, float(r["ppl_base"]))])
-    return {k: sorted(v) for k, v in out.items()}
+        out.setdefault(label, {}).setdefault(round(float(r["sparsity"]), 4), float(r["ppl"]))
+        out.setdefault("dense", {0.0: float(r["ppl_base"])})
+    return {k: sorted(v.items()) for k, v in out.items()}
 
 
 def plot_sweep(records: list[dict], *, live: dict | None = None, ax=None):
-    """PPL (log scale) against sparsity for each method; ``live`` {"sparsity", "ppl", "label"}
-    marks a point recomputed now."""
+    """PPL (log scale) against sparsity: one line per method (unstructured), its N:M points as
+    separate markers in the same colour (square 2:4, triangle 4:8, ...), the dense model as a
+    dashed line.  ``live`` {"sparsity", "ppl", "label"} marks a point recomputed now."""
     import matplotlib.pyplot as plt
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.5))
-    for label, pts in sweep_points(records).items():
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        style = "o" if (":" in label or label == "dense") else "o-"
-        ax.plot(xs, ys, style, label=label)
+        _, ax = plt.subplots(figsize=(7, 3.8))
+    pts = sweep_points(records)
+    colours = {}
+    markers = iter("s^DvP")
+    nm_marker: dict[str, str] = {}
+    for label in sorted(pts, key=lambda k: (":" in k, k)):  # lines first, then N:M points
+        if label == "dense":
+            ax.axhline(pts[label][0][1], color="gray", ls="--", lw=1,
+                       label=f"dense ({pts[label][0][1]:.2f})")
+            continue
+        method, _, nm = label.partition(" ")
+        xs, ys = [p[0] for p in pts[label]], [p[1] for p in pts[label]]
+        if not nm:
+            (line,) = ax.plot(xs, ys, "o-", label=label)
+            colours[method] = line.get_color()
+        else:
+            if nm not in nm_marker:
+                nm_marker[nm] = next(markers, "o")
+            ax.plot(xs, ys, nm_marker[nm], ms=8, mfc="none", mew=1.8,
+                    color=colours.get(method), label=label)
     if live:
         ax.plot([live["sparsity"]], [live["ppl"]], "k*", ms=14,
                 label=live.get("label", "recomputed now"))
     ax.set_yscale("log")
     ax.set_xlabel("sparsity of the decoder linears")
-    ax.set_ylabel("perplexity (pydoc test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("perplexity (log scale)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
     return ax
+
+
+def structured_rows(records: list[dict]) -> list[dict]:
+    """One row per structured ``edgellm prune`` record: what was removed, parameters, bytes,
+    forward tokens/s (pruned and unpruned, measured back to back) and perplexity unpruned /
+    after pruning / after recovery, with the fine-tuned unpruned control.
+
+    ``ppl_pruned`` is the perplexity before recovery (``ppl_before_recovery`` when recovery
+    ran, else ``ppl``); ``ppl_recovered`` is ``ppl`` after recovery (None without it).
+    """
+    rows = []
+    for r in records:
+        if not r.get("structured"):
+            continue
+        recovered = bool(r.get("recover_steps"))
+        rows.append({
+            "removed": f"{r['structured']} {r['ratio']:.0%}",
+            "n_params": r["n_params"], "params_%": 100 * r["n_params"] / r["n_params_base"],
+            "size_bytes": r["size_bytes"],
+            "tokens_per_s": r["tokens_per_s"], "tokens_per_s_base": r["tokens_per_s_base"],
+            "speedup": r["tokens_per_s"] / r["tokens_per_s_base"],
+            "ppl_base": r["ppl_base"],
+            "ppl_pruned": r["ppl_before_recovery"] if recovered else r["ppl"],
+            "ppl_recovered": r["ppl"] if recovered else None,
+            "ppl_control": r.get("ppl_control"),
+            "recover_steps": r.get("recover_steps", 0),
+        })
+    return sorted(rows, key=lambda x: (x["removed"].split()[0], -x["n_params"]))
+
+
+def contextual_table(records: list[dict]) -> dict[str, dict[str, float]]:
+    """``{calibration corpus: {evaluation corpus: ppl}}`` from records of the same pruning run
+    calibrated on different corpora, plus the row ``"dense"`` (``ppl_base`` per evaluation
+    corpus).  Raises :class:`PruneError` when a record has no perplexity."""
+    table: dict[str, dict[str, float]] = {"dense": {}}
+    for r in records:
+        if r.get("ppl") is None:
+            raise PruneError(f"record {r.get('command', r)!r} has no perplexity; run it with --eval")
+        table.setdefault(r["calib"], {})[r["data"]] = float(r["ppl"])
+        table["dense"][r["data"]] = float(r["ppl_base"])
+    return table
 
 
 def sparsity_widget(W: torch.Tensor, x_norm: torch.Tensor, records: list[dict], *,

@@ -185,7 +185,7 @@ def plot_tradeoff(records: list[dict], kl_floor: float = 1e-6):
         if m == "gguf":  # the seed's figure: one curve through the block formats
             ax1.plot(x, [r["delta_ppl"] for r in rs], color="k", lw=1, **style)
             ax2.plot(x, kl, color="k", lw=1, **style)
-            for r, k in zip(rs, kl):
+            for r, k in zip(rs, kl, strict=True):
                 ax2.annotate(method_label(r), (r["bpw"], k), textcoords="offset points",
                              xytext=(4, -12), fontsize=8)
         else:

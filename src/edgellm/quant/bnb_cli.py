@@ -1,0 +1,177 @@
+"""``edgellm bnb`` and ``edgellm torchao``: the production libraries on the default model.
+
+::
+
+    edgellm bnb --mode nf4 --eval --max-tokens 2048 --json
+    edgellm bnb --mode nf4 --double-quant --eval --json
+    edgellm bnb --mode int8 --threshold 6.0 --eval --json
+    edgellm bnb --mode int4 --impl edgellm --eval --json      # QLoRA's Int4, our code
+    edgellm torchao --mode int8_dynamic --eval --max-tokens 512 --json
+
+The model is loaded from the cache in fp32 and its 210 decoder linears are replaced by the
+library's modules (the tied embedding / lm_head stays fp32).  Reported: ``memory_bytes`` (real
+bytes of parameters, buffers, packed storage and quant states, as loaded) and
+``memory_bytes_runtime`` (after running: bitsandbytes re-lays 4-bit weights out on AVX512-BF16
+CPUs), ``seconds_load`` (cached fp32 load + quantization), ``tokens_per_s`` (plain forward passes
+over the evaluation windows, after one warm-up window), and with ``--eval`` perplexity, KL and
+top-1 agreement against the fp32 model on the same tokens (``edgellm quantize``'s
+``evaluate_quantized``).  ``--impl edgellm`` runs our from-scratch block formats instead
+(fake-quantized fp32 weights: quality only; ``size_bytes`` is the packed size they would need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+IMPLS = ("bnb", "edgellm")
+BNB_CHOICES = ("nf4", "fp4", "int8", "fp4_e2m1", "int4", "int4_asym")
+
+
+def add_parser(subparsers, add_eval_args) -> None:
+    p = subparsers.add_parser("bnb", help="bitsandbytes NF4 / FP4 / int8 on CPU (and our versions)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--mode", default="nf4", choices=BNB_CHOICES,
+                   help="bitsandbytes: nf4, fp4, int8; with --impl edgellm also fp4_e2m1 "
+                   "(plain E2M1), int4 (symmetric absmax, QLoRA's Int4), int4_asym (min/max RTN)")
+    p.add_argument("--impl", default="bnb", choices=IMPLS,
+                   help="bnb: the library's modules; edgellm: our from-scratch formats")
+    p.add_argument("--double-quant", action="store_true",
+                   help="QLoRA double quantization of the 4-bit block absmax (8-bit, blocks of 256)")
+    p.add_argument("--blocksize", type=int, default=64, help="weights per absmax (4-bit modes)")
+    p.add_argument("--threshold", type=float, default=6.0,
+                   help="int8: activation outlier threshold of LLM.int8() (0 = none)")
+    p.add_argument("--no-cpu-kernel", action="store_true",
+                   help="4-bit: skip bitsandbytes' fused bf16 AVX512 kernel (dequantize to fp32, "
+                   "then matmul)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="store_true",
+                   help="measure perplexity and KL against the unquantized model")
+    add_eval_args(p)
+    p.set_defaults(func=run)
+
+    p = subparsers.add_parser("torchao", help="torchao int8 weight-only / dynamic on CPU",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--mode", default="int8_weight_only",
+                   choices=("int8_weight_only", "int8_dynamic"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="store_true",
+                   help="measure perplexity and KL against the unquantized model")
+    add_eval_args(p)
+    p.set_defaults(func=run)
+
+
+def check_args(args) -> None:
+    """Bad combinations → QuantError before any model is loaded."""
+    from . import production as P
+
+    if args.command == "torchao":
+        P.check_torchao_mode(args.mode)
+        return
+    if args.impl == "bnb":
+        P.check_bnb_args(args.mode, args.double_quant, args.blocksize, args.threshold)
+        if args.mode == "int8" and args.no_cpu_kernel:
+            from .qtensor import QuantError
+
+            raise QuantError("--no-cpu-kernel applies to the 4-bit modes (nf4, fp4)")
+    else:
+        P.check_our_args(args.mode, args.double_quant, args.blocksize)
+
+
+def quantize_production(model, *, library: str = "bnb", mode: str = "nf4",
+                        double_quant: bool = False, blocksize: int = 64, threshold: float = 6.0,
+                        cpu_kernel: bool = True) -> dict:
+    """Quantize ``model`` in place with ``library`` in ``{"bnb", "edgellm", "torchao"}``;
+    return what was done (``mode``, ``library``, …, ``seconds_quantize``)."""
+    from . import production as P
+
+    t0 = time.perf_counter()
+    info = {"library": library, "mode": mode}
+    if library == "torchao":
+        P.apply_torchao(model, mode)
+        info["double_quant"] = False
+    elif library == "bnb":
+        P.apply_bnb(model, mode, double_quant, blocksize, threshold=threshold,
+                    cpu_kernel=cpu_kernel)
+        info.update(double_quant=double_quant, cpu_kernel=cpu_kernel)
+        if mode == "int8":
+            info["threshold"] = threshold
+        else:
+            info["blocksize"] = blocksize
+    else:
+        P.apply_blockwise(model, mode, blocksize, double_quant)
+        info.update(double_quant=double_quant, blocksize=None if mode == "int8" else blocksize,
+                    bpw=P.our_bpw(mode, blocksize, double_quant))
+    info["seconds_quantize"] = time.perf_counter() - t0
+    return info
+
+
+def _library_version(library: str) -> str | None:
+    from importlib import metadata
+
+    name = {"bnb": "bitsandbytes", "torchao": "torchao"}.get(library)
+    try:
+        return metadata.version(name) if name else None
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run(args) -> dict:
+    import torch
+
+    from ..data import get_tokens
+    from ..metrics import peak_rss_bytes
+    from ..models import load_model
+    from ..records import record
+    from . import production as P
+    from .cli import evaluate_quantized
+
+    check_args(args)
+    library = "torchao" if args.command == "torchao" else args.impl
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, quiet=args.json)
+    seconds_load_base = time.perf_counter() - t0
+    rec = {"memory_bytes_base": P.memory_bytes(model)}
+    info = quantize_production(
+        model, library=library, mode=args.mode,
+        double_quant=getattr(args, "double_quant", False),
+        blocksize=getattr(args, "blocksize", 64), threshold=getattr(args, "threshold", 6.0),
+        cpu_kernel=not getattr(args, "no_cpu_kernel", False))
+    rec.update(info, seconds_load=seconds_load_base + info["seconds_quantize"],
+               seconds_load_base=seconds_load_base, library_version=_library_version(library))
+    rec.update(P.memory_report(model))
+    if library == "edgellm":
+        n = sum(lin.weight.numel() for lin in _linears(model).values())
+        rec["size_bytes"] = rec["memory_bytes"] - rec["memory_bytes_linears"] + round(
+            n * info["bpw"] / 8)
+    reference, _ = load_model(args.model, quiet=True)
+    tokens = get_tokens(args.data, tok, args.split, args.max_tokens)
+    if library == "edgellm":  # fake-quantized fp32 weights: fp32 speed, nothing to measure
+        rec.update(tokens_per_s=None, tokens_per_s_base=None, n_tokens_speed=None)
+    else:
+        speed = P.tokens_per_s(model, tokens, args.ctx, args.batch_size, args.chunks)
+        speed_base = P.tokens_per_s(reference, tokens, args.ctx, args.batch_size, args.chunks)
+        rec.update(tokens_per_s=speed["tokens_per_s"],
+                   tokens_per_s_base=speed_base["tokens_per_s"],
+                   n_tokens_speed=speed["n_tokens_speed"])
+    rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
+               n_tokens=None, protocol=args.protocol, ctx=args.ctx, data=args.data)
+    if args.eval:
+        rec.update(evaluate_quantized(
+            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
+            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
+            batch_size=args.batch_size, progress=not args.json))
+    rec["memory_bytes_runtime"] = P.memory_bytes(model)
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=args.seed, model=args.model)
+
+
+def _linears(model):
+    from ..models import linear_layers
+
+    return linear_layers(model)

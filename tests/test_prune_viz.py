@@ -1,0 +1,73 @@
+"""The lesson's views over recorded ``edgellm prune`` records: the sparsity curve, the
+structured table (before / after recovery) and the contextual 2×2 table."""
+
+import matplotlib
+import pytest
+
+from edgellm.prune import PruneError
+from edgellm.prune.viz import contextual_table, plot_sweep, structured_rows, sweep_points
+
+matplotlib.use("Agg")
+
+
+def _rec(method, sparsity, ppl, nm=None, **kw):
+    return {"method": method, "sparsity": sparsity, "ppl": ppl, "ppl_base": 9.5, "nm": nm,
+            "structured": None, **kw}
+
+
+CURVE = [_rec("magnitude", 0.5, 240.0), _rec("magnitude", 0.1, 9.8),
+         _rec("wanda", 0.5, 19.5, calib="pydoc", data="pydoc"),
+         _rec("wanda", 0.3, 11.0, calib="pydoc", data="pydoc"),
+         _rec("wanda", 0.5, 55.8, nm="2:4", calib="pydoc", data="pydoc"),
+         _rec("wanda", 0.5, 30.0, nm="4:8", calib="pydoc", data="pydoc"),
+         _rec("wanda", 0.5, 99.0, calib="stdlib", data="pydoc"),  # contextual: not on the curve
+         _rec("wanda", 0.5, 77.0, calib="pydoc", data="pydoc")]  # a repeat: the first one counts
+
+
+def test_sweep_points_skip_cross_domain_and_repeats():
+    pts = sweep_points(CURVE)
+    assert pts["wanda"] == [(0.3, 11.0), (0.5, 19.5)]
+    assert pts["magnitude"] == [(0.1, 9.8), (0.5, 240.0)]
+    assert pts["wanda 2:4"] == [(0.5, 55.8)] and pts["wanda 4:8"] == [(0.5, 30.0)]
+    assert pts["dense"] == [(0.0, 9.5)]
+
+
+def test_plot_sweep_log_scale_lines_and_nm_markers():
+    ax = plot_sweep(CURVE, live={"sparsity": 0.5, "ppl": 20.0, "label": "live"})
+    assert ax.get_yscale() == "log"
+    by_label = {line.get_label(): line for line in ax.get_lines()}
+    assert {"magnitude", "wanda", "wanda 2:4", "wanda 4:8", "live"} <= set(by_label)
+    assert by_label["wanda"].get_linestyle() == "-"
+    assert by_label["wanda 2:4"].get_linestyle() == "None"  # N:M: a marker, not a line
+    assert by_label["wanda 2:4"].get_color() == by_label["wanda"].get_color()
+    assert by_label["wanda 2:4"].get_marker() != by_label["wanda 4:8"].get_marker()
+    assert list(by_label["wanda"].get_ydata()) == [11.0, 19.5]
+    matplotlib.pyplot.close("all")
+
+
+def test_structured_rows_before_and_after_recovery():
+    base = {"n_params_base": 100, "ppl_base": 9.5, "tokens_per_s_base": 50.0}
+    recs = [{**base, "structured": "layers", "ratio": 0.2, "n_params": 80, "size_bytes": 320,
+             "tokens_per_s": 60.0, "ppl": 21.0, "ppl_before_recovery": 25.0, "recover_steps": 10,
+             "ppl_control": 8.9},
+            {**base, "structured": "channels", "ratio": 0.1, "n_params": 90, "size_bytes": 360,
+             "tokens_per_s": 55.0, "ppl": 12.0},
+            _rec("wanda", 0.5, 19.5)]  # unstructured: not a row
+    rows = structured_rows(recs)
+    assert [r["removed"] for r in rows] == ["channels 10%", "layers 20%"]
+    layers = rows[1]
+    assert layers["ppl_pruned"] == 25.0 and layers["ppl_recovered"] == 21.0
+    assert layers["ppl_control"] == 8.9 and layers["params_%"] == 80.0
+    assert layers["speedup"] == pytest.approx(1.2)
+    assert rows[0]["ppl_pruned"] == 12.0 and rows[0]["ppl_recovered"] is None
+
+
+def test_contextual_table_two_by_two():
+    recs = [_rec("wanda", 0.5, p, calib=c, data=d, ppl_base=b) for c, d, p, b in
+            [("pydoc", "pydoc", 19.5, 9.5), ("pydoc", "stdlib", 8.0, 3.0),
+             ("stdlib", "pydoc", 30.0, 9.5), ("stdlib", "stdlib", 5.0, 3.0)]]
+    t = contextual_table(recs)
+    assert t == {"dense": {"pydoc": 9.5, "stdlib": 3.0}, "pydoc": {"pydoc": 19.5, "stdlib": 8.0},
+                 "stdlib": {"pydoc": 30.0, "stdlib": 5.0}}
+    with pytest.raises(PruneError, match="--eval"):
+        contextual_table([{**recs[0], "ppl": None}])
