@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .modules import replace_module
 from .qtensor import QuantError
 
 A_FORMATS = ("int", "fp8")
@@ -145,11 +146,6 @@ class ActQuantLinear(nn.Linear):
                 f"{self.a_bits} per-{self.granularity} {mode}")
 
 
-def _parent(model: nn.Module, name: str):
-    parent_name, _, child = name.rpartition(".")
-    return model.get_submodule(parent_name) if parent_name else model, child
-
-
 @torch.no_grad()
 def calibrate_act_absmax(model: nn.Module, calib, layers: dict[str, nn.Linear] | None = None, *,
                          batch_size: int = 8) -> dict[str, float]:
@@ -192,9 +188,8 @@ def apply_act_quant(model: nn.Module, a_bits: int = 8, a_format: str = "int",
         scales = {name: max(a, _TINY) / qmax for name, a in absmax.items()}
     for name, lin in layers.items():
         lin = lin.original if isinstance(lin, ActQuantLinear) else lin
-        parent, child = _parent(model, name)
-        setattr(parent, child, ActQuantLinear(lin, a_bits, a_format, granularity, sym,
-                                              None if scales is None else scales[name]))
+        replace_module(model, name, ActQuantLinear(lin, a_bits, a_format, granularity, sym,
+                                                   None if scales is None else scales[name]))
     info = {"a_bits": a_bits, "a_format": a_format, "granularity": granularity,
             "static": static, "a_sym": sym, "n_act_quantized": len(layers)}
     if scales is not None:
@@ -208,6 +203,5 @@ def remove_act_quant(model: nn.Module) -> int:
     for name, mod in wrapped:
         lin = mod.original
         lin.weight, lin.bias = mod.weight, mod.bias  # keep whatever was written meanwhile
-        parent, child = _parent(model, name)
-        setattr(parent, child, lin)
+        replace_module(model, name, lin)
     return len(wrapped)

@@ -125,7 +125,7 @@ def run(args) -> dict:
 
     from ..data import get_tokens
     from ..metrics import peak_rss_bytes
-    from ..models import load_model
+    from ..models import linear_layers, load_model
     from ..records import record
     from . import production as P
     from .cli import evaluate_quantized
@@ -146,7 +146,7 @@ def run(args) -> dict:
                seconds_load_base=seconds_load_base, library_version=_library_version(library))
     rec.update(P.memory_report(model))
     if library == "edgellm":
-        n = sum(lin.weight.numel() for lin in _linears(model).values())
+        n = sum(lin.weight.numel() for lin in linear_layers(model).values())
         rec["size_bytes"] = rec["memory_bytes"] - rec["memory_bytes_linears"] + round(
             n * info["bpw"] / 8)
     reference, _ = load_model(args.model, quiet=True)
@@ -169,9 +169,3 @@ def run(args) -> dict:
     rec["memory_bytes_runtime"] = P.memory_bytes(model)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, seed=args.seed, model=args.model)
-
-
-def _linears(model):
-    from ..models import linear_layers
-
-    return linear_layers(model)

@@ -159,16 +159,15 @@ def apply_llm_int8(model: nn.Module, threshold: float | None = 6.0, *,
     """Replace the decoder linears by :class:`Int8Linear`; return ``{name: QTensor}``
     (the int8 weights, for size accounting).  ``threshold=None``: absmax int8, no outliers."""
     from ..models import linear_layers
+    from .modules import replace_module
 
     threshold = check_threshold(threshold)
     layers = linear_layers(model) if layers is None else layers
     out = {}
     for name, lin in layers.items():
         lin = lin.original if isinstance(lin, Int8Linear) else lin
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         mod = Int8Linear(lin, threshold)
-        setattr(parent, child, mod)
+        replace_module(model, name, mod)
         out[name] = mod.qtensor()
     return out
 

@@ -67,20 +67,25 @@ def _parent(model: nn.Module, name: str):
     return model.get_submodule(parent_name) if parent_name else model, child
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule called ``name`` (dotted) is; return the old one."""
+    parent, child = _parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
 def swap_in(model: nn.Module, qtensors: dict[str, QTensor]) -> dict[str, nn.Module]:
     """Replace each named linear by a :class:`QuantLinear`; return the originals for
     :func:`swap_out`."""
     originals = {}
     for name, qt in qtensors.items():
-        parent, child = _parent(model, name)
-        lin = getattr(parent, child)
-        originals[name] = lin
-        setattr(parent, child, QuantLinear(qt, lin.bias))
+        lin = model.get_submodule(name)
+        originals[name] = replace_module(model, name, QuantLinear(qt, lin.bias))
     return originals
 
 
 def swap_out(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     """Put the original modules back (undo :func:`swap_in`)."""
     for name, mod in originals.items():
-        parent, child = _parent(model, name)
-        setattr(parent, child, mod)
+        replace_module(model, name, mod)

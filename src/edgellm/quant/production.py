@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .modules import replace_module
 from .qtensor import QuantError
 
 BNB_MODES = ("nf4", "fp4", "int8")
@@ -132,11 +133,6 @@ def _check_divisible(layers: dict, blocksize: int) -> None:
                              f"blocks of {blocksize}")
 
 
-def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 # --------------------------------------------------------------------------------------------
 # bitsandbytes
 
@@ -190,7 +186,7 @@ def apply_bnb(model: torch.nn.Module, mode: str = "nf4", double_quant: bool = Fa
         if has_bias:
             new.bias = torch.nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
         new.eval()
-        _replace(model, name, new)
+        replace_module(model, name, new)
         out[name] = new
     return out
 
