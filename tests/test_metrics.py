@@ -8,6 +8,7 @@ import torch
 from edgellm.metrics import (
     EvalError,
     bits_per_byte,
+    decode_tokens_per_s,
     kl_divergence,
     mean_stderr,
     perplexity,
@@ -186,3 +187,19 @@ def test_bad_settings_give_clear_errors(tiny):
         perplexity(tiny, tokens, "wiki", ctx=10, progress=False)
     with pytest.raises(EvalError, match="stride=0"):
         windows(100, "sliding", 10, stride=0)
+
+
+def test_decode_speed_steps_one_token_at_a_time_with_the_cache(tiny):
+    lengths = []
+    hook = tiny.register_forward_pre_hook(
+        lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        res = decode_tokens_per_s(tiny, torch.arange(5, 17), new_tokens=3, repeats=2, warmup=1)
+    finally:
+        hook.remove()
+    # each run: the 12-token prompt once, then single tokens fed with the cache
+    assert lengths == [12, 1] + [12, 1, 1, 1] * 2
+    assert res["decode_new_tokens"] == 3 and res["prompt_tokens"] == 12
+    assert res["decode_tokens_per_s"] == pytest.approx(3 / res["decode_seconds"])
+    with pytest.raises(EvalError, match="at least one generation step"):
+        decode_tokens_per_s(tiny, torch.arange(5), new_tokens=0)

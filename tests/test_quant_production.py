@@ -195,7 +195,8 @@ def test_widget_functions():
              "blocksize": 64, "ppl": 12.0, "ppl_base": 10.0, "delta_nll": 0.18,
              "delta_nll_stderr": 0.01, "kl_mean": 0.2, "top1_agreement": 0.8, "n_tokens": 100,
              "memory_bytes": 170e6, "memory_bytes_runtime": 168e6, "memory_bytes_base": 538e6,
-             "tokens_per_s": 100.0, "tokens_per_s_base": 200.0, "seconds_load": 5.0},
+             "tokens_per_s": 100.0, "tokens_per_s_base": 200.0, "seconds_load": 5.0,
+             "decode_tokens_per_s": 24.0, "decode_tokens_per_s_base": 16.0},
             {"library": "edgellm", "mode": "int4", "double_quant": False, "blocksize": 64,
              "ppl": 14.0, "ppl_base": 10.0, "delta_nll": 0.3, "delta_nll_stderr": 0.02,
              "kl_mean": 0.3, "top1_agreement": 0.7, "n_tokens": 100, "memory_bytes": 538e6,
@@ -203,9 +204,11 @@ def test_widget_functions():
     assert [P.record_key(r) for r in recs] == ["bnb nf4+dq", "edgellm int4"]
     rows = P.production_rows(recs)
     assert rows[0]["speed_vs_fp32"] == 0.5 and rows[1]["speed_vs_fp32"] is None
+    assert rows[0]["decode_vs_fp32"] == 1.5 and rows[1]["decode_vs_fp32"] is None
     assert "bnb nf4+dq" in P.format_rows(rows)
     text = P.describe(recs, "bnb nf4+dq")
     assert "0.50 x fp32" in text and "4.127 bits/weight" in text
+    assert "decode  : 24.0 tokens/s = 1.50 x fp32" in text
     assert "fp32 speed" in P.describe(recs, "edgellm int4")
     assert "no recorded run" in P.describe(recs, "bnb fp4")
     lay = P.block_layout("nf4")
@@ -231,6 +234,7 @@ def _cli(capsys, *argv):
     (["bnb", "--mode", "int8", "--threshold", "-2"], "threshold=-2"),
     (["bnb", "--mode", "int8", "--no-cpu-kernel"], "4-bit modes"),
     (["bnb", "--impl", "edgellm", "--mode", "int4_asym", "--double-quant"], "not 'int4_asym'"),
+    (["torchao", "--decode-tokens", "-1"], "0 to skip the decode speed"),
 ])
 def test_cli_bad_combinations_fail_before_loading(capsys, argv, message):
     code, out = _cli(capsys, *argv, "--json")
@@ -248,13 +252,15 @@ def test_cli_unknown_mode_is_rejected_by_the_parser(capsys):
 @pytest.mark.integration
 def test_cli_bnb_nf4_record(capsys):
     code, out = _cli(capsys, "bnb", "--mode", "nf4", "--double-quant", "--eval", "--ctx", "64",
-                     "--max-tokens", "128", "--json")
+                     "--max-tokens", "128", "--decode-tokens", "2", "--json")
     assert code == 0
     rec = json.loads(out.out)
     for key in ("mode", "double_quant", "ppl", "ppl_base", "kl_mean", "top1_agreement",
                 "memory_bytes", "memory_bytes_base", "tokens_per_s", "tokens_per_s_base",
-                "seconds_load", "n_tokens", "protocol", "ctx", "model", "data"):
+                "decode_tokens_per_s", "decode_tokens_per_s_base", "seconds_load", "n_tokens",
+                "protocol", "ctx", "model", "data"):
         assert key in rec, key
+    assert rec["decode_tokens_per_s"] > 0 and rec["decode_new_tokens"] == 2
     assert rec["mode"] == "nf4" and rec["double_quant"] is True and rec["ctx"] == 64
     assert 0 < rec["kl_mean"] < 1 and rec["ppl"] > 0 and rec["n_tokens"] == 126
     # 4.127 bits for the linears + the fp32 embedding: about a third of the fp32 bytes

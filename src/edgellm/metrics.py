@@ -302,6 +302,37 @@ def bare_forward_seconds(model, tokens: torch.Tensor, ctx: int = 512, n_windows:
     return time.perf_counter() - t0, ids.numel()
 
 
+@torch.inference_mode()
+def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3,
+                        warmup: int = 4) -> dict:
+    """Greedy generation speed at batch 1: the prompt once, then one token per forward pass
+    with the KV cache, which is what a chat user waits for.  Unlike a batched forward over
+    long windows (compute-bound), each step reads every weight once for one token, so it is
+    bound by memory traffic and per-call overhead: where weight-only quantization can help
+    and per-token activation quantization costs most.  The median of ``repeats`` timed runs
+    (after ``warmup`` untimed steps) of ``new_tokens`` steps each; the prompt is not timed."""
+    if new_tokens < 1 or repeats < 1:
+        raise EvalError(f"new_tokens={new_tokens} and repeats={repeats}: time at least one "
+                        "generation step once (both ≥ 1)")
+    ids = torch.as_tensor(prompt, dtype=torch.long).flatten().view(1, -1)
+
+    def steps(n: int) -> float:
+        out = model(input_ids=ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return time.perf_counter() - t0
+
+    if warmup:
+        steps(warmup)
+    runs = sorted(steps(new_tokens) for _ in range(repeats))
+    seconds = runs[len(runs) // 2]
+    return {"decode_tokens_per_s": new_tokens / seconds, "decode_seconds": seconds,
+            "decode_new_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
+
+
 # --------------------------------------------------------------------------------------------
 # whole records: what the CLI prints and the lessons show
 

@@ -13,7 +13,10 @@ library's modules (the tied embedding / lm_head stays fp32).  Reported: ``memory
 bytes of parameters, buffers, packed storage and quant states, as loaded) and
 ``memory_bytes_runtime`` (after running: bitsandbytes re-lays 4-bit weights out on AVX512-BF16
 CPUs), ``seconds_load`` (cached fp32 load + quantization), ``tokens_per_s`` (plain forward passes
-over the evaluation windows, after one warm-up window), and with ``--eval`` perplexity, KL and
+over the evaluation windows, after one warm-up window: batched prefill, compute-bound),
+``decode_tokens_per_s`` (greedy generation at batch 1 with the KV cache, ``--decode-tokens`` steps
+after a 32-token prompt: memory- and overhead-bound), each with the fp32 model's speed measured in
+the same run (``*_base``), and with ``--eval`` perplexity, KL and
 top-1 agreement against the fp32 model on the same tokens (``edgellm quantize``'s
 ``evaluate_quantized``).  ``--impl edgellm`` runs our from-scratch block formats instead
 (fake-quantized fp32 weights: quality only; ``size_bytes`` is the packed size they would need).
@@ -26,6 +29,7 @@ import time
 
 IMPLS = ("bnb", "edgellm")
 BNB_CHOICES = ("nf4", "fp4", "int8", "fp4_e2m1", "int4", "int4_asym")
+DECODE_PROMPT_TOKENS = 32
 
 
 def add_parser(subparsers, add_eval_args) -> None:
@@ -49,6 +53,8 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity and KL against the unquantized model")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="greedy generation steps timed for decode_tokens_per_s (0 = skip)")
     add_eval_args(p)
     p.set_defaults(func=run)
 
@@ -61,6 +67,8 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity and KL against the unquantized model")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="greedy generation steps timed for decode_tokens_per_s (0 = skip)")
     add_eval_args(p)
     p.set_defaults(func=run)
 
@@ -68,15 +76,17 @@ def add_parser(subparsers, add_eval_args) -> None:
 def check_args(args) -> None:
     """Bad combinations → QuantError before any model is loaded."""
     from . import production as P
+    from .qtensor import QuantError
 
+    if args.decode_tokens < 0:
+        raise QuantError(f"--decode-tokens {args.decode_tokens}: give a number of generation "
+                         "steps ≥ 1, or 0 to skip the decode speed")
     if args.command == "torchao":
         P.check_torchao_mode(args.mode)
         return
     if args.impl == "bnb":
         P.check_bnb_args(args.mode, args.double_quant, args.blocksize, args.threshold)
         if args.mode == "int8" and args.no_cpu_kernel:
-            from .qtensor import QuantError
-
             raise QuantError("--no-cpu-kernel applies to the 4-bit modes (nf4, fp4)")
     else:
         P.check_our_args(args.mode, args.double_quant, args.blocksize)
@@ -124,7 +134,7 @@ def run(args) -> dict:
     import torch
 
     from ..data import get_tokens
-    from ..metrics import peak_rss_bytes
+    from ..metrics import decode_tokens_per_s, peak_rss_bytes
     from ..models import linear_layers, load_model
     from ..records import record
     from . import production as P
@@ -151,6 +161,14 @@ def run(args) -> dict:
             n * info["bpw"] / 8)
     reference, _ = load_model(args.model, quiet=True)
     tokens = get_tokens(args.data, tok, args.split, args.max_tokens)
+    rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
+               n_tokens=None, protocol=args.protocol, ctx=args.ctx, data=args.data)
+    if args.eval:
+        rec.update(evaluate_quantized(
+            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
+            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
+            batch_size=args.batch_size, progress=not args.json))
+    # after the evaluation, whose own ``tokens_per_s`` (eval throughput) this replaces
     if library == "edgellm":  # fake-quantized fp32 weights: fp32 speed, nothing to measure
         rec.update(tokens_per_s=None, tokens_per_s_base=None, n_tokens_speed=None)
     else:
@@ -159,13 +177,14 @@ def run(args) -> dict:
         rec.update(tokens_per_s=speed["tokens_per_s"],
                    tokens_per_s_base=speed_base["tokens_per_s"],
                    n_tokens_speed=speed["n_tokens_speed"])
-    rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
-               n_tokens=None, protocol=args.protocol, ctx=args.ctx, data=args.data)
-    if args.eval:
-        rec.update(evaluate_quantized(
-            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
-            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
-            batch_size=args.batch_size, progress=not args.json))
+    rec.update(decode_tokens_per_s=None, decode_tokens_per_s_base=None, decode_new_tokens=None)
+    if library != "edgellm" and args.decode_tokens:
+        prompt = tokens[:DECODE_PROMPT_TOKENS]
+        dec = decode_tokens_per_s(model, prompt, args.decode_tokens)
+        dec_base = decode_tokens_per_s(reference, prompt, args.decode_tokens)
+        rec.update(decode_tokens_per_s=dec["decode_tokens_per_s"],
+                   decode_tokens_per_s_base=dec_base["decode_tokens_per_s"],
+                   decode_new_tokens=args.decode_tokens)
     rec["memory_bytes_runtime"] = P.memory_bytes(model)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, seed=args.seed, model=args.model)

@@ -530,10 +530,12 @@ def record_key(rec: dict) -> str:
 
 def production_rows(records: list[dict]) -> list[dict]:
     """One row per record: quality (ppl, ΔNLL ± se, KL, top-1), memory (MB, as loaded and at
-    run time), speed (tokens/s and the ratio to fp32 measured in the same run), load seconds."""
+    run time), speed (batched prefill and batch-1 decode tokens/s, each with its ratio to fp32
+    measured in the same run), load seconds."""
     rows = []
     for r in records:
         tps, base = r.get("tokens_per_s"), r.get("tokens_per_s_base")
+        dec, dec_base = r.get("decode_tokens_per_s"), r.get("decode_tokens_per_s_base")
         rows.append({
             "key": record_key(r), "library": r.get("library"), "mode": r["mode"],
             "ppl": r.get("ppl"), "ppl_base": r.get("ppl_base"), "delta_nll": r.get("delta_nll"),
@@ -545,6 +547,8 @@ def production_rows(records: list[dict]) -> list[dict]:
             "linears_mb": r.get("memory_bytes_linears", 0) / 1e6,
             "size_mb": r.get("size_bytes", r["memory_bytes"]) / 1e6,
             "tokens_per_s": tps, "speed_vs_fp32": tps / base if tps and base else None,
+            "decode_tokens_per_s": dec,
+            "decode_vs_fp32": dec / dec_base if dec and dec_base else None,
             "seconds_load": r.get("seconds_load")})
     return rows
 
@@ -555,7 +559,7 @@ def format_rows(rows: list[dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     head = (f"{'run':<26}{'ppl':>8}{'ΔNLL':>9}{'±':>7}{'KL':>8}{'top1':>7}{'MB':>8}"
-            f"{'MB run':>8}{'tok/s':>8}{'×fp32':>7}{'tokens':>7}")
+            f"{'MB run':>8}{'prefill':>8}{'×fp32':>7}{'decode':>8}{'×fp32':>7}{'tokens':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -563,6 +567,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{f(r['delta_nll_stderr'], '.4f'):>7}{f(r['kl_mean'], '.4f'):>8}"
             f"{f(r['top1_agreement'], '.3f'):>7}{r['size_mb']:>8.1f}{r['memory_mb_runtime']:>8.1f}"
             f"{f(r['tokens_per_s'], '.1f'):>8}{f(r['speed_vs_fp32'], '.2f'):>7}"
+            f"{f(r['decode_tokens_per_s'], '.1f'):>8}{f(r['decode_vs_fp32'], '.2f'):>7}"
             f"{f(r['n_tokens'], 'd'):>7}")
     return "\n".join(lines)
 
@@ -610,8 +615,11 @@ def describe(records: list[dict], key: str) -> str:
     lines.append(f"memory  : {row['size_mb']:.1f} MB stored, {row['memory_mb_runtime']:.1f} MB "
                  f"while running, fp32 {row['memory_mb_base']:.1f} MB")
     if row["tokens_per_s"] is not None:
-        lines.append(f"speed   : {row['tokens_per_s']:.1f} tokens/s = {row['speed_vs_fp32']:.2f}"
+        lines.append(f"prefill : {row['tokens_per_s']:.1f} tokens/s = {row['speed_vs_fp32']:.2f}"
                      f" x fp32 (same run), load {row['seconds_load']:.1f} s")
+        if row["decode_tokens_per_s"] is not None:
+            lines.append(f"decode  : {row['decode_tokens_per_s']:.1f} tokens/s = "
+                         f"{row['decode_vs_fp32']:.2f} x fp32 (batch 1, KV cache, same run)")
     else:
         lines.append("speed   : fake-quantized fp32 weights (our code): fp32 speed")
     lines.append(f"layout  : {layout['text']}")
