@@ -192,13 +192,16 @@ def test_bad_settings_give_clear_errors(tiny):
 def test_decode_speed_steps_one_token_at_a_time_with_the_cache(tiny):
     lengths = []
     hook = tiny.register_forward_pre_hook(
-        lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        lambda mod, args, kwargs: lengths.append(
+            (kwargs["input_ids"].shape[1], kwargs.get("past_key_values") is not None)),
+        with_kwargs=True)
     try:
         res = decode_tokens_per_s(tiny, torch.arange(5, 17), new_tokens=3, repeats=2, warmup=1)
     finally:
         hook.remove()
     # each run: the 12-token prompt once, then single tokens fed with the cache
-    assert lengths == [12, 1] + [12, 1, 1, 1] * 2
+    prompt, step = (12, False), (1, True)
+    assert lengths == [prompt, step] + [prompt, step, step, step] * 2
     assert res["decode_new_tokens"] == 3 and res["prompt_tokens"] == 12
     assert res["decode_tokens_per_s"] == pytest.approx(3 / res["decode_seconds"])
     with pytest.raises(EvalError, match="at least one generation step"):
