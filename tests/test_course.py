@@ -271,7 +271,11 @@ def test_notebooks_are_committed_with_outputs_stripped():
                 break
         if "widgets" in nb.metadata:
             dirty.append(f"{path.relative_to(ROOT)} (widget state in metadata)")
-    assert not dirty, "outputs not stripped (use nbstripout or write with empty outputs): " + \
+        raw = json.loads(path.read_text(encoding="utf-8"))  # nbformat.read adds missing ids
+        if any("id" not in cell for cell in raw["cells"]):
+            dirty.append(f"{path.relative_to(ROOT)} (cells without an id: nbformat.validator."
+                         "normalize adds them)")
+    assert not dirty, "not committed clean (strip outputs with nbstripout or write them empty): " + \
         ", ".join(dirty)
 
 
