@@ -309,6 +309,15 @@ def test_tqdm_auto_is_a_widget_in_jupyter_with_a_text_fallback(notebook_run):
     assert done and done[0]["value"] == done[0]["max"] == 5
 
 
+@pytest.mark.notebook
+def test_output_widget_text_stays_in_the_cell_outputs(notebook_run):
+    """execute_notebook turns off nbclient's Output-widget emulation (it can stall a cell until
+    the timeout): what `with out: print(...)` writes is then a plain output of the cell."""
+    run = notebook_run(FIXTURE_LESSON)
+    texts = [o.get("text", "") for o in run.nb.cells[2].outputs if o["output_type"] == "stream"]
+    assert "weights: 269.0 MB\n" in texts, run.nb.cells[2].outputs
+
+
 # --------------------------------------------------------------------------------------------
 # the rendered course
 

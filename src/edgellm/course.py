@@ -69,6 +69,11 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                 allow_errors=allow_errors,
                                 resources={"metadata": {"path": str(path.parent)}})
+        # No front-end emulation of Output widgets (which `interact` uses): it answers on the
+        # shell socket from the task reading outputs while another task waits on that socket
+        # for the cell's reply, and now and then the reply is only seen when the cell times
+        # out (nbclient issue 312).  Without it the outputs stay plain cell outputs.
+        client.widget_registry = {}
         try:
             client.execute()
         finally:
