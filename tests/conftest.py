@@ -20,6 +20,13 @@ def default_model():
     return load_model(quiet=True)
 
 
+def random_ids(batch: int = 2, seq: int = 24, seed: int = 0):
+    """Seeded random token ids (batch, seq) for the tiny model (vocabulary 256)."""
+    import torch
+
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture()
 def tiny():
     """A tiny randomly initialised Llama (fresh for each test)."""

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from conftest import random_ids
 
 from edgellm.quant.actquant import (
     ActQuantLinear,
@@ -24,10 +25,6 @@ from edgellm.quant.qtensor import QuantError
 
 def _x(seed=0, shape=(16, 64)):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _ids(n=2, T=24, seed=0):
-    return torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +128,7 @@ def test_apply_and_remove_act_quant(tiny):
     from edgellm.models import linear_layers
     from edgellm.quant.rtn import apply_rtn
 
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         ref = tiny(ids).logits
     names = list(linear_layers(tiny))
@@ -153,7 +150,7 @@ def test_apply_and_remove_act_quant(tiny):
 
 
 def test_fewer_activation_bits_more_error(tiny):
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         ref = tiny(ids).logits
     err = {}
@@ -168,7 +165,7 @@ def test_fewer_activation_bits_more_error(tiny):
 
 
 def test_static_scales_come_from_calibration(tiny):
-    ids = _ids()
+    ids = random_ids()
     absmax = input_absmax(tiny, ids)
     info = apply_act_quant(tiny, a_bits=8, static=True, calib=ids)
     assert info["granularity"] == "tensor" and info["static"]
@@ -235,7 +232,7 @@ def test_collect_activation_stats_finds_a_planted_outlier_channel(tiny):
     with torch.no_grad():
         for layer in tiny.model.layers:
             layer.input_layernorm.weight[5] = 300.0  # channel 5 of every attention input
-    st = collect_activation_stats(tiny, _ids(), sample_rows=16)
+    st = collect_activation_stats(tiny, random_ids(), sample_rows=16)
     name = "model.layers.1.self_attn.q_proj"
     assert st["inputs"][name] is st["inputs"]["model.layers.1.self_attn.v_proj"]  # shared
     assert 5 in st["outliers"][name] and st["systematic"]["channels"] == [5]

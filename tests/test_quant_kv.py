@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import random_ids
 
 from edgellm.quant.kv import (
     ATTN_NAME,
@@ -15,10 +16,6 @@ from edgellm.quant.kv import (
     remove_kv_quant,
 )
 from edgellm.quant.qtensor import QuantError
-
-
-def _ids(n=20, batch=2, seed=0):
-    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _logits(model, ids):
@@ -71,7 +68,7 @@ def _manual_attention_probe(model, ids, bits):
 
 
 def test_quantizes_post_rope_keys(tiny):
-    ids = _ids()
+    ids = random_ids(2, 20)
     apply_kv_quant(tiny, bits=4)
     got = {}
     h = tiny.model.layers[0].self_attn.register_forward_hook(
@@ -92,7 +89,7 @@ def test_quantizes_post_rope_keys(tiny):
 
 
 def test_int8_close_int4_further_and_remove_restores(tiny):
-    ids = _ids()
+    ids = random_ids(2, 20)
     ref = _logits(tiny, ids)
     info = apply_kv_quant(tiny, bits=8)
     assert tiny.config._attn_implementation == ATTN_NAME and info["kv_bits"] == 8
@@ -108,7 +105,7 @@ def test_int8_close_int4_further_and_remove_restores(tiny):
 def test_generation_with_cache_matches_full_forward(tiny):
     """Incremental decoding (cache) sees the same quantized keys as a full forward pass."""
     apply_kv_quant(tiny, bits=4)
-    prompt = _ids(6, batch=1)
+    prompt = random_ids(1, 6)
     with torch.no_grad():
         out = tiny.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True,
                             return_dict_in_generate=True)
@@ -119,7 +116,7 @@ def test_generation_with_cache_matches_full_forward(tiny):
 
 
 def test_channel_granularity_runs(tiny):
-    ids = _ids(40)
+    ids = random_ids(2, 40)
     ref = _logits(tiny, ids)
     apply_kv_quant(tiny, bits=4, granularity="channel", group_size=16)
     assert (_logits(tiny, ids) - ref).abs().max() > 0

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import random_ids
 
 from edgellm.quant.qtensor import QuantError
 from edgellm.quant.smoothquant import (
@@ -13,10 +14,6 @@ from edgellm.quant.smoothquant import (
     gqa_group_absmax,
     smooth_factors,
 )
-
-
-def _ids(n=2, T=24, seed=0):
-    return torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_smooth_factors_formula_and_balance():
@@ -47,7 +44,7 @@ def test_gqa_grouping():
 
 @pytest.mark.parametrize("sites", [("qkv",), ("gate_up",), ("down",), ("o",), SITES])
 def test_folding_keeps_the_float_model(tiny, sites):
-    ids = _ids()
+    ids = random_ids()
     ref_model = copy.deepcopy(tiny)
     info = apply_smoothquant(tiny, ids, alpha=0.5, sites=sites)
     assert set(info["factors"][0]) == set(sites)
@@ -63,7 +60,7 @@ def test_folding_keeps_the_float_model(tiny, sites):
 def test_alpha_one_flattens_every_activation_channel(tiny):
     from edgellm.quant.actstats import input_absmax
 
-    ids = _ids()
+    ids = random_ids()
     before = input_absmax(tiny, ids)
     apply_smoothquant(tiny, ids, alpha=1.0)
     after = input_absmax(tiny, ids)
@@ -80,14 +77,14 @@ def test_missing_calibration_and_bad_site(tiny):
     with pytest.raises(QuantError, match="SmoothQuant needs calibration data"):
         apply_smoothquant(tiny, None)
     with pytest.raises(QuantError, match="unknown SmoothQuant sites"):
-        apply_smoothquant(tiny, _ids(), sites=("lm_head",))
+        apply_smoothquant(tiny, random_ids(), sites=("lm_head",))
 
 
 def test_smoothquant_then_w8a8(tiny):
     from edgellm.quant.actquant import apply_act_quant
     from edgellm.quant.rtn import apply_rtn
 
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         ref = tiny(ids).logits
     apply_smoothquant(tiny, ids, alpha=0.5)

@@ -50,13 +50,7 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.add_argument("--no-cpu-kernel", action="store_true",
                    help="4-bit: skip bitsandbytes' fused bf16 AVX512 kernel (dequantize to fp32, "
                    "then matmul)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", action="store_true",
-                   help="measure perplexity and KL against the unquantized model")
-    p.add_argument("--decode-tokens", type=int, default=32,
-                   help="greedy generation steps timed for decode_tokens_per_s (0 = skip)")
-    add_eval_args(p)
-    p.set_defaults(func=run)
+    _add_run_args(p, add_eval_args)
 
     p = subparsers.add_parser("torchao", help="torchao int8 weight-only / dynamic on CPU",
                               description=__doc__,
@@ -64,6 +58,11 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--mode", default="int8_weight_only",
                    choices=("int8_weight_only", "int8_dynamic"))
+    _add_run_args(p, add_eval_args)
+
+
+def _add_run_args(p, add_eval_args) -> None:
+    """What ``edgellm bnb`` and ``edgellm torchao`` share: seed, evaluation, speed."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity and KL against the unquantized model")
