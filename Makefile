@@ -4,16 +4,19 @@ PY := $(VENV)/bin/python
 OUT ?= build/course
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup course test lab results bench exercises lint lock clean
+.PHONY: setup course test test-fast lab results bench exercises lint lock clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
 course: setup  ## execute every notebook in full mode into $(OUT), with a results summary
-	$(PY) -W "ignore::RuntimeWarning:runpy" -m edgellm.course run --out $(OUT)
+	$(VENV)/bin/edgellm course run --out $(OUT)
 
 test: setup  ## the whole suite: unit, integration on the default model, every notebook in FAST mode
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup  ## unit tests on tiny models only (no default model, no kernels): under a minute
+	HF_HUB_OFFLINE=1 EDGELLM_TEST_TIER=fast $(PY) -m pytest -q -m fast $(PYTEST_ARGS)
 
 lab: setup  ## JupyterLab on the course
 	$(VENV)/bin/jupyter lab --notebook-dir=.
@@ -25,7 +28,7 @@ bench: setup  ## measure and record BENCHMARKS.md (also regenerates the llama.cp
 	$(PY) scripts/bench.py
 
 exercises: setup  ## write exercises/ from solutions/ (solutions replaced by stubs, checks kept)
-	$(PY) -m edgellm.exercises generate
+	$(VENV)/bin/edgellm exercises generate
 
 lint: setup  ## ruff on the package, tests, scripts and notebooks
 	$(VENV)/bin/ruff check src tests scripts notebooks solutions

@@ -52,7 +52,7 @@ NOTEBOOK_RUN_KINDS = {
 
 @pytest.fixture(scope="session")
 def notebook_run():
-    """``notebook_run(path, kind="all") -> edgellm.exercises.NotebookRun`` in FAST mode.
+    """``notebook_run(path, kind="all") -> edgellm.course.labs.NotebookRun`` in FAST mode.
 
     Cached for the session by (path, kind), so that no notebook is executed twice in one
     ``make test``: use it for every test that needs an executed notebook.  ``run.nb`` is the
@@ -61,8 +61,10 @@ def notebook_run():
     """
     from pathlib import Path
 
-    from edgellm.course import ROOT
-    from edgellm.exercises import run_notebook
+    from edgellm.course.labs import run_notebook
+    from edgellm.paths import root
+
+    ROOT = root()
 
     cache = {}
 
@@ -91,11 +93,13 @@ def rendered_course(notebook_run):
     (through ``notebook_run``, so nothing runs twice) and rendered as the offline HTML course."""
     import shutil
 
-    from edgellm.course import ROOT, course_notebooks
-    from edgellm.render import assets_available, render_course
+    from edgellm.course.render import assets_available, render_course
+    from edgellm.course.run import course_notebooks
+    from edgellm.paths import root
 
     if not assets_available():
         _fail_or_skip("the offline web assets are not installed: run scripts/ci_system_deps.sh")
+    ROOT = root()
     out = ROOT / "build" / "test-course"
     shutil.rmtree(out, ignore_errors=True)
     runs = []

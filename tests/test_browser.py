@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.course import ROOT
+from edgellm.paths import root
+
+ROOT = root()
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 SCRIPT = BROWSER_DIR / "browser_test.mjs"

@@ -41,7 +41,7 @@ def test_kl_of_the_model_against_itself():
     rec = json.loads(run("kl", "--model", "smollm2-135m", "--reference", "smollm2-135m",
                          "--ctx", "64", "--chunks", "2", "--json").stdout)
     assert rec["kl_mean"] == pytest.approx(0, abs=1e-6) and rec["top1_agreement"] == 1.0
-    assert rec["ppl"] == pytest.approx(rec["ppl_ref"])
+    assert rec["ppl"] == pytest.approx(rec["ppl_base"])
 
 
 @pytest.mark.parametrize("args,message", [

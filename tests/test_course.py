@@ -13,9 +13,12 @@ import nbformat
 import pytest
 import torch
 
-from edgellm import exercises as ex
-from edgellm.course import ROOT, course_notebooks
-from edgellm.exercises import LabFormatError, check
+from edgellm.course import labs as ex
+from edgellm.course.labs import LabFormatError, check
+from edgellm.course.run import course_notebooks
+from edgellm.paths import root
+
+ROOT = root()
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_LAB = FIXTURES / "solutions" / "90_fixture_lab.ipynb"
@@ -194,7 +197,7 @@ def test_solution_notebook_follows_the_lab_conventions(path):
     found = ex.exercises_of(nb, where=path.name)
     assert found, f"{path.name} has no exercise (### BEGIN SOLUTION ... ### END SOLUTION)"
     assert not ex.defines_own_check(nb), (
-        f"{path.name} defines its own check(); use `from edgellm.exercises import check` (same "
+        f"{path.name} defines its own check(); use `from edgellm.course.labs import check` (same "
         "signature: check(name, got, want, atol=, rtol=)) so that the perturbation test works")
 
 
@@ -246,7 +249,7 @@ def test_every_check_fails_on_a_perturbed_answer(path, notebook_run):
     assert run.errors == [], f"{path.name}: errors in the perturbed run: {run.errors}"
     lax = [r for r in rows if r["status"] != "FAIL" or r["passed"]]
     assert rows and not lax, (f"{path.name}: these check cells passed an answer off by 1% "
-                              f"(tolerance too loose, or not using edgellm.exercises.check): {lax}")
+                              f"(tolerance too loose, or not using edgellm.course.labs.check): {lax}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def test_output_widget_text_stays_in_the_cell_outputs(notebook_run):
 
 
 def test_results_page_has_each_sweep_table_and_plot(tmp_path):
-    from edgellm.render import render_results
+    from edgellm.course.render import render_results
 
     sweep = {"name": "bits_sweep", "description": "ppl against bits",
              "commands": [f"edgellm ppl --bits {b}" for b in (3, 4, 8)],
@@ -345,7 +348,7 @@ def _script_and_css_urls(page: str) -> list[str]:
 
 
 def test_course_renders_offline_pages_for_executed_notebooks(tmp_path, notebook_run):
-    from edgellm.render import assets_available, render_course
+    from edgellm.course.render import assets_available, render_course
 
     if not assets_available():
         from conftest import _fail_or_skip
@@ -374,15 +377,16 @@ def test_course_renders_offline_pages_for_executed_notebooks(tmp_path, notebook_
 
 
 def test_course_main_executes_and_renders(tmp_path, monkeypatch):
-    """`python -m edgellm.course run --out DIR --fast` (here on the small fixture lesson only)."""
-    from edgellm import course
-    from edgellm.render import assets_available
+    """`edgellm course run --out DIR --fast` (here on the small fixture lesson only)."""
+    from edgellm.cli import main
+    from edgellm.course import run as course_run
+    from edgellm.course.render import assets_available
 
     if not assets_available():
         from conftest import _fail_or_skip
         _fail_or_skip("the offline web assets are not installed: run scripts/ci_system_deps.sh")
-    monkeypatch.setattr(course, "course_notebooks", lambda *a: [FIXTURE_LESSON, FIXTURE_LAB])
-    code = course.main(["run", "--out", str(tmp_path), "--fast", "--only", "00_fixture"])
+    monkeypatch.setattr(course_run, "course_notebooks", lambda *a: [FIXTURE_LESSON, FIXTURE_LAB])
+    code = main(["course", "run", "--out", str(tmp_path), "--fast", "--only", "00_fixture"])
     assert code == 0
     assert (tmp_path / "notebooks" / "00_fixture_widgets.html").is_file()
     assert not (tmp_path / "solutions").exists()                 # --only filtered the lab out

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from edgellm.measure import MeasureError, decode_tokens_per_s
 from edgellm.metrics import (
     EvalError,
     bits_per_byte,
-    decode_tokens_per_s,
     kl_divergence,
     mean_stderr,
     perplexity,
@@ -204,5 +204,5 @@ def test_decode_speed_steps_one_token_at_a_time_with_the_cache(tiny):
     assert lengths == [prompt, step] + [prompt, step, step, step] * 2
     assert res["decode_new_tokens"] == 3 and res["prompt_tokens"] == 12
     assert res["decode_tokens_per_s"] == pytest.approx(3 / res["decode_seconds"])
-    with pytest.raises(EvalError, match="at least one generation step"):
+    with pytest.raises(MeasureError, match="at least one generation step"):
         decode_tokens_per_s(tiny, torch.arange(5), new_tokens=0)

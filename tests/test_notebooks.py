@@ -7,7 +7,7 @@ and exercises/ are checked in test_course.py.  Executed copies land in build/tes
 
 import pytest
 
-from edgellm.course import course_notebooks
+from edgellm.course.run import course_notebooks
 
 LESSONS = course_notebooks("notebooks")
 

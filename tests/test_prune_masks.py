@@ -153,7 +153,7 @@ def test_bad_nm():
 
 
 def test_mask_viewer_and_sweep_points_are_pure_functions():
-    from edgellm.prune.viz import mask_for, sweep_points
+    from edgellm.lessons.pruning import mask_for, sweep_points
 
     torch.manual_seed(4)
     W, x_norm = torch.randn(8, 16), torch.rand(16)
@@ -190,7 +190,7 @@ def test_sparse_storage_accounting_on_a_tiny_model():
 
 def test_paired_tokens_per_s_times_both_models_alternately():
     from edgellm import tiny_llama
-    from edgellm.prune.accounting import paired_tokens_per_s
+    from edgellm.measure import paired_tokens_per_s
 
     calls = []
     a, b = tiny_llama(), tiny_llama()

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from edgellm.calib import LayerStream, collect_inputs, layer_linears
 from edgellm.prune import apply_structured, input_norms, magnitude_prune, sparsegpt_prune
 from edgellm.prune.masks import PruneError, sparsity_of
-from edgellm.quant.calib import LayerStream, collect_inputs, layer_linears
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def test_cli_prune_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--nm", "4:4"])
     with pytest.raises(PruneError):
-        from edgellm.prune.cli import prune_model
+        from edgellm.prune.apply import prune_model
 
         prune_model(None, method="obs")
 

@@ -4,8 +4,8 @@ structured table (before / after recovery) and the contextual 2×2 table."""
 import matplotlib
 import pytest
 
+from edgellm.lessons.pruning import contextual_table, plot_sweep, structured_rows, sweep_points
 from edgellm.prune import PruneError
-from edgellm.prune.viz import contextual_table, plot_sweep, structured_rows, sweep_points
 
 matplotlib.use("Agg")
 

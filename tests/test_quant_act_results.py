@@ -4,8 +4,8 @@ records, and the recorded sweeps' shape when they have been run."""
 import pytest
 import torch
 
+from edgellm.lessons import act_quant as ar
 from edgellm.models import tiny_llama
-from edgellm.quant import act_results as ar
 from edgellm.quant.qtensor import QuantError
 
 

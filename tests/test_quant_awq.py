@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from edgellm.calib import LayerStream, layer_linears
 from edgellm.quant.awq import (
     apply_awq,
     awq_scales,
@@ -15,7 +16,6 @@ from edgellm.quant.awq import (
     search_scale,
     search_scale_linear,
 )
-from edgellm.quant.calib import LayerStream, layer_linears
 from edgellm.quant.qtensor import QuantError
 from edgellm.quant.rtn import apply_rtn, fake_quantize
 

@@ -126,7 +126,7 @@ def test_quantize_model_w8a8_and_llm_int8_on_tiny(tiny, monkeypatch):
 
     import edgellm.data
     from edgellm.quant.actquant import ActQuantLinear
-    from edgellm.quant.cli import quantize_model
+    from edgellm.quant.apply import quantize_model
     from edgellm.quant.llm_int8 import Int8Linear
 
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))

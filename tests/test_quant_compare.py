@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from edgellm.quant import compare
+from edgellm.lessons import weight_quant as compare
 
 
 def _rec(method, bits, g, dn, se, lossless=False):

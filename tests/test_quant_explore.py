@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgellm.quant import explore
+from edgellm.lessons import formats as explore
 from edgellm.quant.formats import FORMATS
 from edgellm.quant.rtn import fake_quantize
 

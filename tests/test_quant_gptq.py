@@ -6,14 +6,14 @@ import copy
 import pytest
 import torch
 
-from edgellm.quant.calib import (
+from edgellm.calib import (
     LayerStream,
     collect_inputs,
     layer_linears,
     logits_from_stream,
-    output_error,
     sequential,
 )
+from edgellm.hessian import layer_error
 from edgellm.quant.gptq import apply_gptq, gptq_quantize
 from edgellm.quant.qtensor import QuantError
 from edgellm.quant.rtn import fake_quantize
@@ -59,7 +59,7 @@ def test_gptq_core_beats_rtn_and_matches_its_qtensor(sym, group_size, act_order,
     Q, qt = gptq_quantize(W, H, bits=3, group_size=group_size, sym=sym, act_order=act_order,
                           static_groups=static, block_size=40)  # blocks straddle groups
     R = fake_quantize(W, 3, group_size, sym)
-    assert output_error(W, Q, X) < 0.8 * output_error(W, R, X)
+    assert layer_error(W, Q, X) < 0.8 * layer_error(W, R, X)
     assert torch.equal(qt.dequantize(), Q)  # every column sits exactly on its group's grid
     assert qt.bits == 3 and qt.sym == sym and qt.shape == tuple(W.shape)
     if sym:
@@ -75,7 +75,7 @@ def test_lazy_block_updates_change_nothing():
     Q3, _ = gptq_quantize(W, H, 4, 32, block_size=40)
     # the same arithmetic in another order: a few codes may flip where ties round differently
     assert (Q1 != Q2).float().mean() < 0.01 and (Q1 != Q3).float().mean() < 0.01
-    assert abs(output_error(W, Q1, X) - output_error(W, Q2, X)) < 1e-3 * output_error(W, Q1, X)
+    assert abs(layer_error(W, Q1, X) - layer_error(W, Q2, X)) < 1e-3 * layer_error(W, Q1, X)
 
 
 def test_first_column_is_plain_rtn_and_per_channel_params_are_rtn():
@@ -122,7 +122,7 @@ def test_gptq_beats_rtn_on_every_linear_of_the_real_model(default_model, sym):
             W, H = lin.weight.detach(), stats[name].H
             Q, _ = gptq_quantize(W, H, 4, 64, sym)
             R = fake_quantize(W, 4, 64, sym)
-            ratios[name] = output_error(W, Q, H=H) / output_error(W, R, H=H)
+            ratios[name] = layer_error(W, Q, H=H) / layer_error(W, R, H=H)
             lin.weight.copy_(Q)
 
     sequential(model, calib, check_layer, layers=[0, 1], progress=False)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from edgellm.quant.calib import LayerStream, collect_inputs, layer_linears
+from edgellm.calib import LayerStream, collect_inputs, layer_linears
 from edgellm.quant.imatrix import apply_imatrix, collect_imatrix, quantize_weighted, weighted_error
 from edgellm.quant.qtensor import QuantError
 from edgellm.quant.rtn import fake_quantize

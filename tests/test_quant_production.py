@@ -6,9 +6,41 @@ import json
 import pytest
 import torch
 
+from edgellm.lessons.production import (
+    block_layout,
+    describe,
+    format_rows,
+    production_rows,
+    record_key,
+)
+from edgellm.measure import memory_report
 from edgellm.models import linear_layers
 from edgellm.quant import formats as F
-from edgellm.quant import production as P
+from edgellm.quant.backends.bitsandbytes import (
+    apply_bnb,
+    bnb_dequantize,
+    check_bnb_args,
+    cpu_layout_codes,
+    int8_state,
+    nf4_layout,
+)
+from edgellm.quant.backends.torchao import (
+    apply_torchao,
+    check_torchao_mode,
+    import_torchao,
+    int8_symmetric_per_row,
+    torchao_dequantize,
+)
+from edgellm.quant.blockwise import (
+    OUR_MODES,
+    blockwise_dequantized,
+    check_our_args,
+    double_quantize_absmax,
+    dynamic_code,
+    int4_levels,
+    lut_table,
+    our_bpw,
+)
 from edgellm.quant.qtensor import QuantError
 
 pytest.importorskip("bitsandbytes")
@@ -25,25 +57,25 @@ def _tiny():
 def test_bnb_linear4bit_equals_our_blockwise_layer_by_layer(mode, double_quant):
     model = _tiny()
     ref = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
-    mods = P.apply_bnb(model, mode, double_quant, blocksize=64)
+    mods = apply_bnb(model, mode, double_quant, blocksize=64)
     assert set(mods) == set(ref) and len(mods) == 14
     import bitsandbytes as bnb
 
     for name, mod in mods.items():
         assert isinstance(mod, bnb.nn.Linear4bit)
-        lay = P.nf4_layout(mod)
-        codes, absmax = F.quantize_blockwise_lut(ref[name], P.lut_table(mode), 64)
+        lay = nf4_layout(mod)
+        codes, absmax = F.quantize_blockwise_lut(ref[name], lut_table(mode), 64)
         assert torch.equal(F.pack_nibbles_bnb(codes), lay["packed"])  # same bytes
         if not double_quant:
             assert torch.equal(lay["absmax"], absmax)
-            assert torch.equal(P.bnb_dequantize(mod), P.blockwise_dequantized(ref[name], mode))
+            assert torch.equal(bnb_dequantize(mod), blockwise_dequantized(ref[name], mode))
         else:  # our codes with bnb's (double-quantized) absmax: the same weights
-            ours = F.dequantize_blockwise_lut(codes, lay["absmax"], P.lut_table(mode),
+            ours = F.dequantize_blockwise_lut(codes, lay["absmax"], lut_table(mode),
                                               ref[name].shape)
-            assert torch.equal(P.bnb_dequantize(mod), ours)
+            assert torch.equal(bnb_dequantize(mod), ours)
             # our double quantization: the same 8-bit absmax codes but for rare ties of
             # bitsandbytes' CPU search (it may pick the second-nearest code, one step away)
-            q, _, _ = P.double_quantize_absmax(absmax, P.dynamic_code())
+            q, _, _ = double_quantize_absmax(absmax, dynamic_code())
             assert (q.int() - lay["absmax_q"].int()).abs().max() <= 1
             assert (q != lay["absmax_q"]).float().mean() < 0.02
     # the tied embedding / lm_head is untouched and still tied
@@ -54,13 +86,13 @@ def test_bnb_linear4bit_equals_our_blockwise_layer_by_layer(mode, double_quant):
 def test_cpu_fast_path_layout_decodes_to_the_same_codes():
     """After a forward on an AVX512-BF16 CPU the weight is re-laid out with bf16 absmax."""
     model = _tiny()
-    mods = P.apply_bnb(model, "nf4", True)
-    before = {n: P.bnb_dequantize(m) for n, m in mods.items()}
+    mods = apply_bnb(model, "nf4", True)
+    before = {n: bnb_dequantize(m) for n, m in mods.items()}
     with torch.inference_mode():
         model(torch.randint(0, 256, (1, 16)))
     for name, mod in mods.items():
         qs = mod.weight.quant_state
-        after = P.bnb_dequantize(mod)
+        after = bnb_dequantize(mod)
         if getattr(qs, "packing_format_for_cpu", False):
             # only the absmax changed: rounded to bf16 (8 significant bits)
             assert (after - before[name]).abs().max() <= before[name].abs().max() * 2 ** -8
@@ -74,18 +106,18 @@ def test_cpu_layout_codes_roundtrip():
     # build the tiled layout by hand: tile of 32 rows, column pairs, low nibbles then high
     qw = codes.reshape(2, 32, 16, 2).transpose(1, 2).reshape(-1, 64)
     packed = ((qw[:, 32:] << 4) | qw[:, :32]).reshape(64, 16)
-    assert torch.equal(P.cpu_layout_codes(packed), codes)
+    assert torch.equal(cpu_layout_codes(packed), codes)
 
 
 def test_bnb_int8_equals_our_vectorwise():
     model = _tiny()
     ref = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
-    mods = P.apply_bnb(model, "int8", threshold=6.0)
+    mods = apply_bnb(model, "int8", threshold=6.0)
     for name, mod in mods.items():
-        CB, SCB = P.int8_state(mod)
+        CB, SCB = int8_state(mod)
         codes, stats = F.int8_vectorwise(ref[name].half())
         assert torch.equal(CB, codes) and torch.equal(SCB, stats)
-        assert torch.equal(P.bnb_dequantize(mod), P.blockwise_dequantized(ref[name], "int8"))
+        assert torch.equal(bnb_dequantize(mod), blockwise_dequantized(ref[name], "int8"))
     x = torch.randint(0, 256, (2, 16))
     with torch.inference_mode():
         out = model(x).logits
@@ -98,8 +130,8 @@ def test_double_quantize_absmax_equals_bitsandbytes():
     W = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0))
     _, st = BF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     _, absmax = F.quantize_nf4(W, 64)
-    code = P.dynamic_code()
-    codes, absmax2, offset = P.double_quantize_absmax(absmax, code)
+    code = dynamic_code()
+    codes, absmax2, offset = double_quantize_absmax(absmax, code)
     assert torch.equal(absmax2, st.state2.absmax) and torch.equal(offset, st.offset)
     # ours is the nearest code; bitsandbytes' CPU search sometimes stops one code away
     differ = codes != st.absmax
@@ -114,51 +146,51 @@ def test_memory_bytes_counts_packed_storage_and_quant_states():
     from edgellm.quant.size import nf4_bytes
 
     model = _tiny()
-    base = P.memory_report(model)
+    base = memory_report(model)
     n_lin = sum(lin.weight.numel() for lin in linear_layers(model).values())
     assert base["memory_bytes_linears"] == 4 * n_lin
     tied = model.model.embed_tokens.weight
     assert base["memory_bytes_embedding"] == tied.numel() * 4  # counted once
     for dq in (False, True):
         m = copy.deepcopy(model)
-        P.apply_bnb(m, "nf4", dq)
-        rep = P.memory_report(m)
+        apply_bnb(m, "nf4", dq)
+        rep = memory_report(m)
         # codes + absmax (+ nested absmax, offset) + the 16-entry code table (+ 256-entry map)
         want = sum(nf4_bytes(lin.weight.numel(), 64, dq) + 16 * 4 + (256 * 4 if dq else 0)
                    for lin in linear_layers(model).values())
         assert rep["memory_bytes_linears"] == want
         assert rep["memory_bytes_embedding"] == base["memory_bytes_embedding"]
     m = copy.deepcopy(model)
-    P.apply_bnb(m, "int8")
+    apply_bnb(m, "int8")
     rows = sum(lin.out_features for lin in linear_layers(model).values())
-    assert P.memory_report(m)["memory_bytes_linears"] == n_lin + 4 * rows
+    assert memory_report(m)["memory_bytes_linears"] == n_lin + 4 * rows
 
 
 def test_our_formats_and_the_qlora_levels():
     W = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
-    err = {m: F.quantization_error(W, P.blockwise_dequantized(W, m))["rel_err"]
-           for m in P.OUR_MODES}
+    err = {m: F.quantization_error(W, blockwise_dequantized(W, m))["rel_err"]
+           for m in OUR_MODES}
     # normal weights: NF4 is the best 4-bit data type, symmetric absmax Int4 the worst
     assert err["nf4"] < err["fp4_e2m1"] < err["int4"]
     assert err["int8"] < err["nf4"]
-    assert len(P.int4_levels()) == 15 and P.int4_levels()[7] == 0
-    assert P.our_bpw("nf4") == 4.5 and P.our_bpw("int4_asym") == 4.5
-    assert abs(P.our_bpw("nf4", double_quant=True) - 4.127) < 1e-3
+    assert len(int4_levels()) == 15 and int4_levels()[7] == 0
+    assert our_bpw("nf4") == 4.5 and our_bpw("int4_asym") == 4.5
+    assert abs(our_bpw("nf4", double_quant=True) - 4.127) < 1e-3
 
 
 def test_torchao_int8_on_tiny():
-    P.import_torchao()
+    import_torchao()
     model = _tiny()
     ref = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
     x = torch.randint(0, 256, (2, 16))
     with torch.inference_mode():
         y0 = model(x).logits
     m = copy.deepcopy(model)
-    P.apply_torchao(m, "int8_weight_only")
+    apply_torchao(m, "int8_weight_only")
     for name, lin in linear_layers(m).items():
-        assert torch.equal(P.torchao_dequantize(lin), P.int8_symmetric_per_row(ref[name])), name
+        assert torch.equal(torchao_dequantize(lin), int8_symmetric_per_row(ref[name])), name
     assert type(m.lm_head.weight) is torch.nn.Parameter  # lm_head left alone
-    rep = P.memory_report(m)
+    rep = memory_report(m)
     n_lin = sum(w.numel() for w in ref.values())
     rows = sum(w.shape[0] for w in ref.values())
     assert rep["memory_bytes_linears"] == n_lin + rows * (4 + 1)  # int8 + fp32 scale + int8 zp
@@ -166,28 +198,28 @@ def test_torchao_int8_on_tiny():
         y = m(x).logits
     assert (y - y0).abs().max() < 0.05
     m = copy.deepcopy(model)
-    P.apply_torchao(m, "int8_dynamic")
+    apply_torchao(m, "int8_dynamic")
     with torch.inference_mode():
         assert (m(x).logits - y0).abs().max() < 0.1
 
 
 def test_bad_arguments():
     with pytest.raises(QuantError, match="unknown bitsandbytes mode 'int4'.*--impl edgellm"):
-        P.check_bnb_args("int4")
+        check_bnb_args("int4")
     with pytest.raises(QuantError, match="drop --double-quant"):
-        P.check_bnb_args("int8", double_quant=True)
+        check_bnb_args("int8", double_quant=True)
     with pytest.raises(QuantError, match="blocksize=48 is not supported"):
-        P.check_bnb_args("nf4", blocksize=48)
+        check_bnb_args("nf4", blocksize=48)
     with pytest.raises(QuantError, match="threshold=-1"):
-        P.check_bnb_args("int8", threshold=-1)
+        check_bnb_args("int8", threshold=-1)
     with pytest.raises(QuantError, match="unknown torchao mode"):
-        P.check_torchao_mode("int4")
+        check_torchao_mode("int4")
     with pytest.raises(QuantError, match="not 'int4_asym'"):
-        P.check_our_args("int4_asym", double_quant=True)
+        check_our_args("int4_asym", double_quant=True)
     with pytest.raises(QuantError, match="not a whole number of blocks of 4096"):
         from edgellm import tiny_llama
 
-        P.apply_bnb(tiny_llama(), "nf4", blocksize=4096)  # k_proj: 32 x 64 weights
+        apply_bnb(tiny_llama(), "nf4", blocksize=4096)  # k_proj: 32 x 64 weights
 
 
 def test_widget_functions():
@@ -201,19 +233,19 @@ def test_widget_functions():
              "ppl": 14.0, "ppl_base": 10.0, "delta_nll": 0.3, "delta_nll_stderr": 0.02,
              "kl_mean": 0.3, "top1_agreement": 0.7, "n_tokens": 100, "memory_bytes": 538e6,
              "size_bytes": 170e6, "memory_bytes_base": 538e6, "tokens_per_s": None}]
-    assert [P.record_key(r) for r in recs] == ["bnb nf4+dq", "edgellm int4"]
-    rows = P.production_rows(recs)
+    assert [record_key(r) for r in recs] == ["bnb nf4+dq", "edgellm int4"]
+    rows = production_rows(recs)
     assert rows[0]["speed_vs_fp32"] == 0.5 and rows[1]["speed_vs_fp32"] is None
     assert rows[0]["decode_vs_fp32"] == 1.5 and rows[1]["decode_vs_fp32"] is None
-    assert "bnb nf4+dq" in P.format_rows(rows)
-    text = P.describe(recs, "bnb nf4+dq")
+    assert "bnb nf4+dq" in format_rows(rows)
+    text = describe(recs, "bnb nf4+dq")
     assert "0.50 x fp32" in text and "4.127 bits/weight" in text
     assert "decode  : 24.0 tokens/s = 1.50 x fp32" in text
-    assert "fp32 speed" in P.describe(recs, "edgellm int4")
-    assert "no recorded run" in P.describe(recs, "bnb fp4")
-    lay = P.block_layout("nf4")
+    assert "fp32 speed" in describe(recs, "edgellm int4")
+    assert "no recorded run" in describe(recs, "bnb fp4")
+    lay = block_layout("nf4")
     assert lay["code_bytes"] == 32 and lay["scale_bytes"] == 4 and lay["bpw"] == 4.5
-    assert P.block_layout("int8", in_features=576)["bpw"] == pytest.approx(8 + 32 / 576)
+    assert block_layout("int8", in_features=576)["bpw"] == pytest.approx(8 + 32 / 576)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +309,7 @@ def test_real_model_nf4_layers_equal_ours(default_model):
     for i, lin in enumerate(lins.values()):
         holder.add_module(f"l{i}", lin)
     ref = {f"l{i}": lin.weight.detach().clone() for i, lin in enumerate(lins.values())}
-    mods = P.apply_bnb(holder, "nf4", False, layers={f"l{i}": lin for i, lin in
+    mods = apply_bnb(holder, "nf4", False, layers={f"l{i}": lin for i, lin in
                                                      enumerate(lins.values())})
     for name, mod in mods.items():
-        assert torch.equal(P.bnb_dequantize(mod), P.blockwise_dequantized(ref[name], "nf4"))
+        assert torch.equal(bnb_dequantize(mod), blockwise_dequantized(ref[name], "nf4"))

@@ -5,7 +5,11 @@ import math
 
 import pytest
 
-from edgellm.results import RESULTS_DIR, run_command, sweep_names
+from edgellm.cli import run_command
+from edgellm.paths import results_dir
+from edgellm.results import sweep_names
+
+RESULTS_DIR = results_dir()
 
 SWEEPS = sweep_names()
 METRICS = ("ppl", "nll", "n_tokens", "kl_mean", "bpw", "size_bytes")

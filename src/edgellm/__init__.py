@@ -3,13 +3,10 @@
 Every lesson imports from here; nothing a later lesson needs lives only in a notebook.
 """
 
-from .course import FAST, cmp, fast_or
-from .data import get_calibration, get_tokens, load_text
-from .metrics import evaluate_kl, evaluate_ppl, kl_divergence, perplexity
-from .models import DEFAULT_MODEL, load_model, tiny_llama
-from .quant.production import quiet_library_logs
-
-quiet_library_logs()  # transformers imports torchao when installed: drop its CPU-only notices
+from edgellm.course import FAST, cmp, fast_or
+from edgellm.data import get_calibration, get_tokens, load_text
+from edgellm.metrics import evaluate_kl, evaluate_ppl, kl_divergence, perplexity
+from edgellm.models import DEFAULT_MODEL, load_model, tiny_llama
 
 __version__ = "0.1.0"
 

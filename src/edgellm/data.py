@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
+from edgellm.paths import datasets_registry
 
 SPLITS = ("train", "validation", "test")
-# the course is used from its checkout (editable install): the registry lives in datasets/
-REGISTRY_FILE = Path(__file__).resolve().parents[2] / "datasets" / "registry.json"
 
 
 class CorpusError(EdgeLLMError, ValueError):
@@ -41,11 +40,11 @@ class CorpusError(EdgeLLMError, ValueError):
 
 
 def corpus_names() -> list[str]:
-    return sorted(json.loads(REGISTRY_FILE.read_text()))
+    return sorted(json.loads(datasets_registry().read_text()))
 
 
 def corpus_info(name: str) -> dict:
-    return json.loads(REGISTRY_FILE.read_text())[name]
+    return json.loads(datasets_registry().read_text())[name]
 
 
 def sha256_text(text: str) -> str:
@@ -146,7 +145,7 @@ def _wikitext2(split: str) -> str:
         if not p.is_file():
             raise CorpusError(f"EDGELLM_WIKITEXT2 points to {local}, but {p} is not a file")
         return p.read_text(encoding="utf-8")
-    from .models import hub_reachable
+    from edgellm.models import hub_reachable
 
     if not hub_reachable():
         raise CorpusError(
@@ -182,7 +181,7 @@ def get_calibration(corpus: str = "pydoc", n_samples: int = 128, seq_len: int = 
     The GPTQ/AWQ convention: each window starts at a uniformly random offset; reproducible by seed.
     """
     if tokenizer is None:
-        from .models import load_model
+        from edgellm.models import load_model
 
         _, tokenizer = load_model()
     if n_samples < 1 or seq_len < 1:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
 
 PROTOCOLS = {
     "gptq": "non-overlapping windows of ctx tokens, every token after the first scored "
@@ -235,13 +235,17 @@ def kl_divergence(model, reference, tokens: torch.Tensor, protocol: str = "gptq"
     check_ctx(reference, ctx)
     r = token_logprobs(model, tokens, protocol, ctx, stride=stride, chunks=chunks, bos_id=bos_id,
                        batch_size=batch_size, progress=progress, reference=reference)
-    kl = r["kl"]
+    return {**kl_summary(r["kl"]), "top1_agreement": r["top1"].mean().item(),
+            "ppl": math.exp(r["nll"].mean().item()), "ppl_ref": math.exp(r["nll_ref"].mean().item()),
+            "n_tokens": r["kl"].numel(), "protocol": protocol, "ctx": ctx, "seconds": r["seconds"]}
+
+
+def kl_summary(kl: torch.Tensor) -> dict:
+    """Mean (with its standard error), median, p90, p99 and max of per-token KL values (N,)."""
     m, se = mean_stderr(kl)
     q = torch.quantile(kl.float(), torch.tensor([0.5, 0.9, 0.99])).tolist()
     return {"kl_mean": m, "kl_stderr": se, "kl_median": q[0], "kl_p90": q[1], "kl_p99": q[2],
-            "kl_max": kl.max().item(), "top1_agreement": r["top1"].mean().item(),
-            "ppl": math.exp(r["nll"].mean().item()), "ppl_ref": math.exp(r["nll_ref"].mean().item()),
-            "n_tokens": kl.numel(), "protocol": protocol, "ctx": ctx, "seconds": r["seconds"]}
+            "kl_max": kl.max().item()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,57 +286,6 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 # speed and memory
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is in KiB)."""
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-@torch.inference_mode()
-def bare_forward_seconds(model, tokens: torch.Tensor, ctx: int = 512, n_windows: int = 8,
-                         batch_size: int = 4) -> tuple[float, int]:
-    """Seconds for plain forward passes over the first ``n_windows`` windows (a speed floor)."""
-    ids = tokens[: n_windows * ctx].view(-1, ctx)
-    t0 = time.perf_counter()
-    for i in range(0, len(ids), batch_size):
-        model(input_ids=ids[i:i + batch_size], use_cache=False)
-    return time.perf_counter() - t0, ids.numel()
-
-
-@torch.inference_mode()
-def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3,
-                        warmup: int = 4) -> dict:
-    """Greedy generation speed at batch 1: the prompt once, then one token per forward pass
-    with the KV cache, which is what a chat user waits for.  Unlike a batched forward over
-    long windows (compute-bound), each step reads every weight once for one token, so it is
-    bound by memory traffic and per-call overhead: where weight-only quantization can help
-    and per-token activation quantization costs most.  The median of ``repeats`` timed runs
-    (after ``warmup`` untimed steps) of ``new_tokens`` steps each; the prompt is not timed."""
-    if new_tokens < 1 or repeats < 1:
-        raise EvalError(f"new_tokens={new_tokens} and repeats={repeats}: time at least one "
-                        "generation step once (both ≥ 1)")
-    ids = torch.as_tensor(prompt, dtype=torch.long).flatten().view(1, -1)
-
-    def steps(n: int) -> float:
-        out = model(input_ids=ids, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        return time.perf_counter() - t0
-
-    if warmup:
-        steps(warmup)
-    runs = sorted(steps(new_tokens) for _ in range(repeats))
-    seconds = runs[len(runs) // 2]
-    return {"decode_tokens_per_s": new_tokens / seconds, "decode_seconds": seconds,
-            "decode_new_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
-
-
 # --------------------------------------------------------------------------------------------
 # whole records: what the CLI prints and the lessons show
 
@@ -342,8 +295,8 @@ def evaluate_ppl(model, tokenizer, data: str = "pydoc", *, split: str = "test",
                  max_tokens: int | None = None, chunks: int | None = None, batch_size: int = 4,
                  progress: bool = True, model_name: str | None = None) -> dict:
     """Perplexity of a model on a corpus split, as a self-describing JSON-ready record."""
-    from .data import get_tokens, load_text, sha256_text
-    from .records import record
+    from edgellm.data import get_tokens, load_text, sha256_text
+    from edgellm.records import record
 
     tokens = get_tokens(data, tokenizer, split, max_tokens)
     bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
@@ -355,18 +308,64 @@ def evaluate_ppl(model, tokenizer, data: str = "pydoc", *, split: str = "test",
                   chunks=chunks)
 
 
-def evaluate_kl(model, reference, tokenizer, data: str = "pydoc", *, split: str = "test",
-                protocol: str = "gptq", ctx: int = 512, max_tokens: int | None = None,
-                chunks: int | None = None, batch_size: int = 2, progress: bool = True,
-                model_name: str | None = None, reference_name: str | None = None) -> dict:
-    """KL divergence of ``model`` against ``reference`` on a corpus split, as a record."""
-    from .data import get_tokens, load_text, sha256_text
-    from .records import record
+def evaluate_paired(model, reference, tok, *, data: str = "pydoc", split: str = "test",
+                       protocol: str = "gptq", ctx: int = 512, stride: int | None = None,
+                       max_tokens: int | None = None, chunks: int | None = None,
+                       batch_size: int = 4, progress: bool = False) -> dict:
+    """``model`` against ``reference`` on the same tokens: both perplexities, the paired ΔNLL
+    with its standard error, KL(P_reference ‖ P_model) (mean, se, p99) and top-1 agreement.
 
-    tokens = get_tokens(data, tokenizer, split, max_tokens)
-    res = kl_divergence(model, reference, tokens, protocol, ctx, chunks=chunks,
-                        batch_size=batch_size, progress=progress)
+    The one paired evaluation of the library: every compressed model (quantized, pruned,
+    factorized, distilled) is compared with its reference through it.
+    """
+    from edgellm.data import get_tokens, load_text, sha256_text
+
+    tokens = get_tokens(data, tok, split, max_tokens)
+    bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+    t0 = time.perf_counter()
+    # time the quantized model's own forward passes (the reference runs in the same loop)
+    clock = {"start": 0.0, "seconds": 0.0}
+
+    def pre(module, args, kwargs=None):
+        clock["start"] = time.perf_counter()
+
+    def post(module, args, output):
+        clock["seconds"] += time.perf_counter() - clock["start"]
+
+    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        r = token_logprobs(model, tokens, protocol, ctx, stride=stride, chunks=chunks,
+                           bos_id=bos, batch_size=batch_size, progress=progress,
+                           reference=reference)
+    finally:
+        for h in handles:
+            h.remove()
+    q, base = ppl_from_nll(r["nll"]), ppl_from_nll(r["nll_ref"])
+    d_mean, d_se = mean_stderr(r["nll"] - r["nll_ref"])
+    return {"ppl": q["ppl"], "ppl_stderr": q["ppl_stderr"], "nll": q["nll"],
+            "ppl_base": base["ppl"], "ppl_base_stderr": base["ppl_stderr"],
+            "delta_ppl": q["ppl"] - base["ppl"], "delta_nll": d_mean, "delta_nll_stderr": d_se,
+            **kl_summary(r["kl"]),
+            "top1_agreement": r["top1"].mean().item(), "n_tokens": r["nll"].numel(),
+            "protocol": protocol, "ctx": ctx, "stride": stride, "data": data, "split": split,
+            "data_sha256": sha256_text(load_text(data, split)), "max_tokens": max_tokens,
+            "chunks": chunks, "seconds_eval": time.perf_counter() - t0,
+            "seconds_model": clock["seconds"],
+            "tokens_per_s": r["n_fed"] / clock["seconds"] if clock["seconds"] else None}
+
+
+def evaluate_kl(model, reference, tokenizer, data: str = "pydoc", *, split: str = "test",
+                protocol: str = "gptq", ctx: int = 512, stride: int | None = None,
+                max_tokens: int | None = None, chunks: int | None = None, batch_size: int = 2,
+                progress: bool = True, model_name: str | None = None,
+                reference_name: str | None = None) -> dict:
+    """KL divergence of ``model`` against ``reference`` on a corpus split, as a record
+    (:func:`evaluate_paired`, so PPL of both and the paired ΔNLL come with it)."""
+    from edgellm.records import record
+
+    res = evaluate_paired(model, reference, tokenizer, data=data, split=split,
+                          protocol=protocol, ctx=ctx, stride=stride, max_tokens=max_tokens,
+                          chunks=chunks,
+                          batch_size=batch_size, progress=progress)
     return record(res, model=model_name or model.config._name_or_path,
-                  reference=reference_name or reference.config._name_or_path, data=data,
-                  split=split, data_sha256=sha256_text(load_text(data, split)),
-                  max_tokens=max_tokens, chunks=chunks)
+                  reference=reference_name or reference.config._name_or_path)

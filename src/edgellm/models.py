@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,7 +26,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
+from edgellm.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -58,11 +60,6 @@ class ModelUnavailable(EdgeLLMError, RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # cache
-
-
-def cache_dir() -> Path:
-    """Where models and downloads are cached: ``$EDGELLM_CACHE`` or ``~/.cache/edgellm``."""
-    return Path(os.environ.get("EDGELLM_CACHE") or Path.home() / ".cache" / "edgellm")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -191,6 +188,37 @@ def registry_entry(name: str) -> RegistryEntry:
         ) from None
 
 
+# Expected, harmless log lines of these libraries on a CPU-only machine, dropped by message:
+# torchao (imported by transformers whenever it is installed) cannot load its CUDA kernel
+# libraries and torch notes a deprecation about an Enum torchao registers; bitsandbytes looks
+# for an optional package of CPU kernels; LLM.int8() announces on every call that it casts
+# fp32 activations to fp16 (lesson 05 explains it).
+QUIET_LOGS = {
+    "torchao": ("Failed to load",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not any(p in msg for p in self.prefixes)
+
+
+def quiet_library_logs() -> None:
+    """Install (once) filters dropping exactly the log lines of :data:`QUIET_LOGS`."""
+    for name, prefixes in QUIET_LOGS.items():
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in lg.filters):
+            lg.addFilter(_DropMessages(prefixes))
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                quiet: bool = False):
     """Return ``(model, tokenizer)`` in eval mode on the CPU.
@@ -198,6 +226,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     ``name_or_path`` is a registry name (``smollm2-135m``, the offline default), a local Hugging
     Face folder, a ``.gguf`` file, or a hub id (needs the hub or an ``HF_ENDPOINT`` mirror).
     """
+    quiet_library_logs()  # transformers imports torchao when installed: drop its CPU-only notices
     name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
     if name_or_path in REGISTRY:

@@ -9,30 +9,30 @@ A sweep is a file ``results/<name>.json``::
 (``edgellm results --run``) produced by running each command with ``--json``.  A sweep marked
 ``"pending": true`` is specified but not run yet (its ``records`` are empty; lessons say so and
 ``edgellm results --run NAME`` fills it in).  Lessons load the
-records in full mode and recompute one point live; a test re-runs a sampled record.
+records in full mode and recompute one point live; a test re-runs a sampled record.  Running a
+sweep is the command line's job (``edgellm results --run``, :func:`edgellm.cli.run_sweep`); this module only reads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shlex
 
-from .course import ROOT
-from .records import write_json
+from edgellm.errors import EdgeLLMError
+from edgellm.paths import results_dir
 
-RESULTS_DIR = ROOT / "results"
+
+class ResultsError(EdgeLLMError, FileNotFoundError):
+    """A sweep that is not recorded in results/."""
 
 
 def sweep_names() -> list[str]:
-    return sorted(p.stem for p in RESULTS_DIR.glob("*.json"))
+    return sorted(p.stem for p in results_dir().glob("*.json"))
 
 
 def load_sweep(name: str) -> dict:
-    path = RESULTS_DIR / f"{name}.json"
+    path = results_dir() / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ResultsError(
             f"no recorded sweep {name!r} in results/; known: {', '.join(sweep_names())}. "
             "Regenerate with `make results`."
         )
@@ -42,35 +42,3 @@ def load_sweep(name: str) -> dict:
 def load_records(name: str) -> list[dict]:
     """The records of a sweep, in the order of its commands."""
     return load_sweep(name).get("records", [])
-
-
-def run_command(command: str) -> dict:
-    """Run one ``edgellm …`` command in this process and return its JSON record."""
-    from .cli import main
-
-    argv = shlex.split(command)
-    if not argv or argv[0] != "edgellm":
-        raise ValueError(f"a recorded command must start with 'edgellm': {command!r}")
-    argv = argv[1:] + ([] if "--json" in argv else ["--json"])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(argv)
-    if code != 0:
-        raise RuntimeError(f"{command!r} failed with exit code {code}")
-    rec = json.loads(buf.getvalue().strip().splitlines()[-1])
-    rec["command"] = command
-    return rec
-
-
-def run_sweep(name: str, *, progress: bool = True) -> dict:
-    """Run every command of a sweep and write its records (atomically)."""
-    sweep = load_sweep(name)
-    records = []
-    for i, cmd in enumerate(sweep["commands"], 1):
-        if progress:
-            print(f"[{name} {i}/{len(sweep['commands'])}] {cmd}", flush=True)
-        records.append(run_command(cmd))
-    sweep["records"] = records
-    sweep.pop("pending", None)
-    write_json(sweep, RESULTS_DIR / f"{name}.json")
-    return sweep

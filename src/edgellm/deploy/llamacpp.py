@@ -18,8 +18,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import EdgeLLMError
-from ..models import cache_dir
+from edgellm.errors import EdgeLLMError
+from edgellm.models import cache_dir
 
 
 class LlamaCppError(EdgeLLMError, RuntimeError):

@@ -1,9 +1,9 @@
 """Pruning: unstructured and N:M (magnitude, Wanda, SparseGPT) and structured (heads, MLP
 channels, whole layers), with recovery fine-tuning and honest accounting of size and speed."""
 
-from .layers import prunable_linears, sparsity_stats
-from .magnitude import apply_magnitude, magnitude_prune, magnitude_scores
-from .masks import (
+from edgellm.prune.layers import prunable_linears, sparsity_stats
+from edgellm.prune.magnitude import apply_magnitude, magnitude_prune, magnitude_scores
+from edgellm.prune.masks import (
                     PruneError,
                     check_nm,
                     check_sparsity,
@@ -16,8 +16,8 @@ from .masks import (
                     sparsity_of,
                     unstructured_mask,
 )
-from .sparsegpt import apply_sparsegpt, sparsegpt_prune
-from .structured import (
+from edgellm.prune.sparsegpt import apply_sparsegpt, sparsegpt_prune
+from edgellm.prune.structured import (
                     apply_structured,
                     block_influence,
                     drop_layers,
@@ -25,7 +25,7 @@ from .structured import (
                     prune_heads,
                     prune_layers,
 )
-from .wanda import apply_wanda, input_norms, wanda_prune, wanda_scores
+from edgellm.prune.wanda import apply_wanda, input_norms, wanda_prune, wanda_scores
 
 __all__ = [
     "PruneError", "apply_magnitude", "apply_sparsegpt", "apply_structured", "block_influence",

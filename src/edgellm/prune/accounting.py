@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from .layers import prunable_linears
+from edgellm.prune.layers import prunable_linears
 
 
 def model_bytes(model) -> int:
     """Bytes of all parameters and buffers as stored (dense), tied tensors counted once."""
-    from ..models import param_bytes_by_dtype
+    from edgellm.models import param_bytes_by_dtype
 
     return sum(param_bytes_by_dtype(model).values())
 
@@ -51,43 +51,6 @@ def sparse_storage(model, nm: tuple[int, int] | None = None, *, value_bits: int 
     return {"size_bytes_dense": dense_total,
             "size_bytes_sparse": int(dense_total - lin_dense + lin_sparse),
             "sparse_format": f"{nm[0]}:{nm[1]} values + index" if nm else "values + bitmask"}
-
-
-@torch.inference_mode()
-def forward_tokens_per_s(model, tokens: torch.Tensor, *, seq_len: int = 256, batch_size: int = 1,
-                         repeats: int = 3) -> float:
-    """Tokens per second of a plain forward pass (best of ``repeats``) on ``batch_size``
-    windows of ``seq_len`` tokens; a speed measure of this machine, noisy under load."""
-    ids = tokens[:batch_size * seq_len].view(batch_size, seq_len)
-    model(input_ids=ids[:, :8], use_cache=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        best = min(best, time.perf_counter() - t0)
-    return ids.numel() / best
-
-
-@torch.inference_mode()
-def paired_tokens_per_s(model, reference, tokens: torch.Tensor, *, seq_len: int = 256,
-                        batch_size: int = 1, repeats: int = 5) -> tuple[float, float]:
-    """Forward tokens/s of ``model`` and of ``reference``, timed alternately (best of
-    ``repeats`` each), so a change in the machine's load hits both alike; returns
-    ``(model tokens/s, reference tokens/s)``.  Their ratio is the honest speed-up."""
-    if len(tokens) < batch_size * seq_len:
-        from .masks import PruneError
-
-        raise PruneError(f"{len(tokens)} tokens are too few to time {batch_size} x {seq_len}")
-    ids = tokens[:batch_size * seq_len].view(batch_size, seq_len)
-    best = [float("inf"), float("inf")]
-    for m in (model, reference):
-        m(input_ids=ids[:, :8], use_cache=False)  # warm-up
-    for _ in range(repeats):
-        for i, m in enumerate((model, reference)):
-            t0 = time.perf_counter()
-            m(input_ids=ids, use_cache=False, logits_to_keep=1)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return ids.numel() / best[0], ids.numel() / best[1]
 
 
 @torch.inference_mode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .masks import PruneError, check_nm, check_sparsity, sparsity_of
+from edgellm.prune.masks import PruneError, check_nm, check_sparsity, sparsity_of
 
 
 def prunable_linears(model) -> dict[str, nn.Linear]:
@@ -13,7 +13,7 @@ def prunable_linears(model) -> dict[str, nn.Linear]:
 
     Pruning the lm_head would also prune the embedding it shares its weights with.
     """
-    from ..models import linear_layers
+    from edgellm.models import linear_layers
 
     lins = linear_layers(model)
     if not lins:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .layers import apply_mask, check_target, prunable_linears, sparsity_stats
-from .masks import PruneError, global_masks, select_mask
+from edgellm.prune.layers import apply_mask, check_target, prunable_linears, sparsity_stats
+from edgellm.prune.masks import PruneError, global_masks, select_mask
 
 
 def magnitude_scores(W: torch.Tensor) -> torch.Tensor:

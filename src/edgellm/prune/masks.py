@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
 
 
 class PruneError(EdgeLLMError, ValueError):

@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from .masks import PruneError
+from edgellm.prune.masks import PruneError
 
 
 def zero_masks(model) -> dict[str, torch.Tensor]:
     """``{name: keep-mask}`` of the decoder linears' current nonzeros (to keep zeros at zero)."""
-    from .layers import prunable_linears
+    from edgellm.prune.layers import prunable_linears
 
     return {n: lin.weight.detach() != 0 for n, lin in prunable_linears(model).items()}
 
@@ -51,7 +51,7 @@ def finetune(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 
     data).  ``lr`` defaults to 2e-5 (plain) or 2e-4 (LoRA).  ``masks`` ``{name: keep-mask}``
     keep pruned weights at zero.  Returns losses per step, seconds, trainable parameters.
     """
-    from .layers import prunable_linears
+    from edgellm.prune.layers import prunable_linears
 
     if steps < 0:
         raise PruneError(f"steps={steps} must be >= 0")

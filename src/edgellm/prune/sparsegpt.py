@@ -25,19 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.calib import collect_inputs, layer_linears, sequential
-from ..quant.gptq import hinv_cholesky
-from ..quant.qtensor import QuantError
-from .layers import apply_mask, check_target, prunable_linears, sparsity_stats
-from .masks import PruneError, check_nm, check_sparsity
-
-
-def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """GPTQ's damped inverse-Hessian factor, with the error re-raised as a pruning error."""
-    try:
-        return hinv_cholesky(H, damp)
-    except QuantError as e:
-        raise PruneError(str(e)) from None
+from edgellm.calib import collect_inputs, layer_linears, sequential
+from edgellm.hessian import hinv_cholesky
+from edgellm.prune.layers import apply_mask, check_target, prunable_linears, sparsity_stats
+from edgellm.prune.masks import PruneError, check_nm, check_sparsity
 
 
 def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,7 +66,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5,
     dead = H.diagonal() == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = _hinv_cholesky(H, damp)  # (in, in) upper
+    Hinv = hinv_cholesky(H, damp)  # (in, in) upper
 
     prune = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
     for i1 in range(0, n_in, block_size):

@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.calib import check_calibration, decoder_layers
-from .masks import PruneError
+from edgellm.calib import check_calibration, decoder_layers
+from edgellm.prune.masks import PruneError
 
 
 def _forward_with_hooks(model, ids: torch.Tensor, batch_size: int, handles) -> int:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.calib import collect_inputs, layer_linears, sequential
-from .layers import apply_mask, check_target, prunable_linears, sparsity_stats
-from .masks import PruneError, select_mask
+from edgellm.calib import collect_inputs, layer_linears, sequential
+from edgellm.prune.layers import apply_mask, check_target, prunable_linears, sparsity_stats
+from edgellm.prune.masks import PruneError, select_mask
 
 
 def wanda_scores(W: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:

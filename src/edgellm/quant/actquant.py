@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modules import replace_module
-from .qtensor import QuantError
+from edgellm.quant.modules import replace_module
+from edgellm.quant.qtensor import QuantError
 
 A_FORMATS = ("int", "fp8")
 GRANULARITIES = ("token", "tensor")
@@ -150,7 +150,7 @@ class ActQuantLinear(nn.Linear):
 def calibrate_act_absmax(model: nn.Module, calib, layers: dict[str, nn.Linear] | None = None, *,
                          batch_size: int = 8) -> dict[str, float]:
     """Largest |x| seen at each linear's input over the calibration ids (one forward pass)."""
-    from .actstats import input_absmax
+    from edgellm.quant.actstats import input_absmax
 
     return {name: float(v.max()) for name, v in
             input_absmax(model, calib, layers=layers, batch_size=batch_size).items()}
@@ -167,7 +167,7 @@ def apply_act_quant(model: nn.Module, a_bits: int = 8, a_format: str = "int",
     forward pass of the model as it is now) and forces ``granularity="tensor"``.  Layers already
     wrapped are re-wrapped with the new settings.  Undo with :func:`remove_act_quant`.
     """
-    from ..models import linear_layers
+    from edgellm.models import linear_layers
 
     if static:
         granularity = "tensor"

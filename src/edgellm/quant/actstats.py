@@ -166,8 +166,8 @@ def input_absmax(model, calib, layers: dict[str, nn.Linear] | None = None, *,
 
     One forward pass of the model as it is; SmoothQuant's and static activation scales' input.
     """
-    from ..models import linear_layers
-    from .calib import check_calibration
+    from edgellm.calib import check_calibration
+    from edgellm.models import linear_layers
 
     ids = check_calibration(calib)
     layers = linear_layers(model) if layers is None else layers
@@ -205,8 +205,8 @@ def collect_activation_stats(model, ids, *, layers: dict[str, nn.Linear] | None 
                 sequence index in ``ids`` (the median is averaged over batches)
     ``threshold``, ``n_tokens``
     """
-    from ..models import linear_layers
-    from .calib import check_calibration, decoder_layers
+    from edgellm.calib import check_calibration, decoder_layers
+    from edgellm.models import linear_layers
 
     ids = check_calibration(ids)
     layers = linear_layers(model) if layers is None else layers

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential, single_thread
-from .qtensor import QTensor
-from .rtn import (
+from edgellm.calib import collect_inputs, layer_linears, sequential, single_thread
+from edgellm.quant.qtensor import QTensor
+from edgellm.quant.rtn import (
     check_bits,
     check_group_size,
     check_linears,
@@ -188,7 +188,7 @@ def apply_awq(model, calib, bits: int = 4, group_size: int | None = 64, sym: boo
     The QTensors are those of the *scaled* weights, i.e. what a packed model stores.
     ``info`` (a dict), when given, receives the chosen α per scaled group of linears.
     Layers are processed sequentially on the quantized model's activations (see
-    :mod:`edgellm.quant.calib`).
+    :mod:`edgellm.calib`).
     """
     check_bits(bits)
     result: dict[str, QTensor] = {}
@@ -232,6 +232,6 @@ def apply_awq(model, calib, bits: int = 4, group_size: int | None = 64, sym: boo
 
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="AWQ")
-    from .gptq import in_model_order
+    from edgellm.calib import in_model_order
 
     return in_model_order(model, result)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .qtensor import QTensor, QuantError
-from .rtn import check_bits, check_finite, check_group_size, code_range
+from edgellm.quant.qtensor import QTensor, QuantError
+from edgellm.quant.rtn import check_bits, check_finite, check_group_size, code_range
 
 # --------------------------------------------------------------------------------------------
 # minifloats (ExMy)
@@ -325,12 +325,12 @@ def quantize_format(W: torch.Tensor, fmt: str = "int", bits: int = 4,
     out, n = W.shape
     if group_size != -1:
         check_group_size(n, group_size)
-    from .qtensor import dtype_bits
+    from edgellm.quant.qtensor import dtype_bits
 
     sbits = dtype_bits(scale_dtype)
     W = W.detach().float()
     if fmt == "int":
-        from .rtn import minmax_params, quantize_codes
+        from edgellm.quant.rtn import minmax_params, quantize_codes
 
         Wg, g = _groups(W, group_size)
         scale, offset = minmax_params(Wg, bits, sym, scale_dtype)
@@ -377,7 +377,7 @@ def apply_format(model: torch.nn.Module, fmt: str = "int", bits: int = 4,
                  scale_dtype: torch.dtype | None = torch.float16, *, layers=None) -> dict:
     """Fake-quantize the decoder linears in place with :func:`quantize_format`;
     return ``{name: QTensor}`` (the tied embedding / lm_head is not quantized)."""
-    from ..models import linear_layers
+    from edgellm.models import linear_layers
 
     layers = linear_layers(model) if layers is None else layers
     out = {}

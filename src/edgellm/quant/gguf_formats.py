@@ -27,9 +27,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import E2M1_LEVELS, quantize_mxfp4
-from .qtensor import QTensor, QuantError
-from .rtn import check_finite
+from edgellm.quant.formats import E2M1_LEVELS, quantize_mxfp4
+from edgellm.quant.qtensor import QTensor, QuantError
+from edgellm.quant.rtn import check_finite
 
 QK = 32  # weights per block
 GGUF_TYPES = ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "MXFP4")
@@ -159,7 +159,7 @@ def apply_gguf(model: torch.nn.Module, qtype: str = "Q4_0", *, layers=None,
     Weights are replaced in place by the gguf round trip; the returned QTensors are our torch
     implementation of the same type (identical values, checked here) for size accounting/saving.
     """
-    from ..models import linear_layers
+    from edgellm.models import linear_layers
 
     layers = linear_layers(model) if layers is None else layers
     items = layers.items()

@@ -26,13 +26,12 @@ from the *updated* weights of that group (as the reference implementation does).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential, single_thread
-from .qtensor import QTensor, QuantError, dtype_bits
-from .rtn import (
+from edgellm.calib import collect_inputs, in_model_order, layer_linears, sequential, single_thread
+from edgellm.hessian import hinv_cholesky
+from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.rtn import (
     check_bits,
     check_finite,
     check_group_size,
@@ -41,20 +40,6 @@ from .rtn import (
     minmax_params,
     quantize_codes,
 )
-
-
-def hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, (in, in) float32."""
-    n = H.shape[0]
-    H = H.clone()
-    H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.cholesky_inverse(L)  # H⁻¹ from its Cholesky factor
-        return torch.linalg.cholesky(Hinv, upper=True)
-    except torch.linalg.LinAlgError:
-        raise QuantError(f"the damped Hessian ({n}×{n}) is not positive definite; increase damp "
-                         f"(now {damp}) or use more calibration tokens") from None
 
 
 @torch.no_grad()
@@ -192,7 +177,7 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
     """GPTQ-quantize the decoder's linear layers in place (fake quant); return ``{name: QTensor}``.
 
     ``calib`` (n_samples, seq_len) token ids.  Layers are processed sequentially (see
-    :mod:`edgellm.quant.calib`): each layer's Hessians come from the outputs of the already
+    :mod:`edgellm.calib`): each layer's Hessians come from the outputs of the already
     quantized layers before it.  Linears that read the same input (q/k/v; gate/up) share one
     Hessian and are quantized together as one stacked matrix (rows are independent, so this is
     the same as quantizing them one by one, only faster).  ``bits`` may be a dict
@@ -221,58 +206,3 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="GPTQ")
     return in_model_order(model, result)
-
-
-def in_model_order(model, result: dict) -> dict:
-    """``result`` re-ordered like the model's modules (q, k, v, o, gate, up, down per layer)."""
-    from ..models import linear_layers
-
-    return {n: result[n] for n in linear_layers(model) if n in result}
-
-
-@torch.no_grad()
-def benchmark(model=None, tok=None, *, n_samples: int = 128, seq_len: int = 512, bits: int = 4,
-              group_size: int | None = 64, methods=("gptq", "awq"), seed: int = 0,
-              batch_size: int = 8) -> dict:
-    """Time GPTQ (and AWQ) on all linears against two plain forward passes over the same tokens.
-
-    The floor: GPTQ needs one pass to collect each layer's inputs and one to propagate the
-    quantized outputs, so two plain forward passes of the model over the calibration tokens,
-    measured in the same run, are what it is compared with (``logits_to_keep=1``: the lm_head
-    runs on one position only, since the quantizers never need logits; this makes the floor
-    stricter).  Returns seconds, the ratios (goal: GPTQ ≤ 1.5× the floor) and the peak RSS of
-    the process in bytes (goal ≤ 4 GB).  Run it on an otherwise idle machine.
-    """
-    import copy
-
-    from ..data import get_calibration
-    from ..metrics import peak_rss_bytes
-    from ..models import load_model
-
-    if model is None:
-        model, tok = load_model(quiet=True)
-    calib = get_calibration("pydoc", n_samples, seq_len, seed, tokenizer=tok)
-    t0 = time.perf_counter()
-    for _ in range(2):
-        for i in range(0, n_samples, batch_size):
-            model(input_ids=calib[i:i + batch_size], use_cache=False, logits_to_keep=1)
-    floor = time.perf_counter() - t0
-    rec = {"n_samples": n_samples, "seq_len": seq_len, "bits": bits, "group_size": group_size,
-           "seconds_two_forward": floor, "threads": torch.get_num_threads()}
-    for method in methods:
-        m = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        if method == "gptq":
-            apply_gptq(m, calib, bits, group_size, batch_size=batch_size, progress=False)
-        elif method == "awq":
-            from .awq import apply_awq
-
-            apply_awq(m, calib, bits, group_size, batch_size=batch_size, progress=False)
-        else:
-            raise QuantError(f"unknown method {method!r} for the benchmark; use gptq or awq")
-        s = time.perf_counter() - t0
-        rec[f"seconds_{method}"] = s
-        rec[f"{method}_over_floor"] = s / floor
-        del m
-    rec["peak_rss_bytes"] = peak_rss_bytes()
-    return rec

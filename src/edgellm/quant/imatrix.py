@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential, single_thread
-from .qtensor import QTensor, QuantError, dtype_bits
-from .rtn import (
+from edgellm.calib import collect_inputs, layer_linears, sequential, single_thread
+from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.rtn import (
     check_bits,
     check_finite,
     check_group_size,
@@ -172,6 +172,6 @@ def apply_imatrix(model, calib, bits: int = 4, group_size: int | None = 64, sym:
 
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="imatrix")
-    from .gptq import in_model_order
+    from edgellm.calib import in_model_order
 
     return in_model_order(model, result)

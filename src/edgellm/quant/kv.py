@@ -39,9 +39,9 @@ import math
 
 import torch
 
-from .calib import decoder_layers
-from .qtensor import QuantError
-from .rtn import check_bits, fake_quant, minmax_params
+from edgellm.calib import decoder_layers
+from edgellm.quant.qtensor import QuantError
+from edgellm.quant.rtn import check_bits, fake_quant, minmax_params
 
 ATTN_NAME = "edgellm_kvquant"
 GRANULARITIES = ("token", "channel")

@@ -35,8 +35,8 @@ import math
 import torch
 from torch import nn
 
-from .formats import int8_vectorwise, int8_vectorwise_dequant
-from .qtensor import QTensor, QuantError
+from edgellm.quant.formats import int8_vectorwise, int8_vectorwise_dequant
+from edgellm.quant.qtensor import QTensor, QuantError
 
 __all__ = ["int8_vectorwise", "int8_vectorwise_dequant", "outlier_columns", "llm_int8_matmul",
            "Int8Linear", "apply_llm_int8", "llm_int8_report", "check_threshold"]
@@ -158,8 +158,8 @@ def apply_llm_int8(model: nn.Module, threshold: float | None = 6.0, *,
                    layers: dict[str, nn.Linear] | None = None) -> dict[str, QTensor]:
     """Replace the decoder linears by :class:`Int8Linear`; return ``{name: QTensor}``
     (the int8 weights, for size accounting).  ``threshold=None``: absmax int8, no outliers."""
-    from ..models import linear_layers
-    from .modules import replace_module
+    from edgellm.models import linear_layers
+    from edgellm.quant.modules import replace_module
 
     threshold = check_threshold(threshold)
     layers = linear_layers(model) if layers is None else layers

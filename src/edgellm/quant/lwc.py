@@ -20,7 +20,7 @@ The error is computed from ``H`` (in, in), so a step costs ``out · in²`` whate
 calibration tokens.  The paper's objective is the error of a whole transformer block with
 LWC and learned equivalent transforms trained jointly; here each linear layer is trained alone
 (like GPTQ's layer-wise objective), processing the decoder sequentially
-(:mod:`edgellm.quant.calib`).
+(:mod:`edgellm.calib`).
 
 The result is never worse than min/max on the objective: the best iterate is kept, and min/max
 (``γ = β = 1``) is the starting reference.  The learned strengths are what a lesson needs to
@@ -36,9 +36,15 @@ from pathlib import Path
 
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential, single_thread
-from .qtensor import QTensor, QuantError, dtype_bits
-from .rtn import check_bits, check_group_size, check_linears, code_range, quantize_codes
+from edgellm.calib import collect_inputs, layer_linears, sequential, single_thread
+from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.rtn import (
+    check_bits,
+    check_group_size,
+    check_linears,
+    code_range,
+    quantize_codes,
+)
 
 CLIP_PER = ("group", "channel")
 INIT_LOGIT = 4.0  # OmniQuant's initial logit: sigmoid(4) = 0.982
@@ -206,7 +212,7 @@ def apply_lwc(model, calib=None, bits: int = 4, group_size: int | None = 64, sym
 
     With ``clips`` (``{name: {"gamma", "beta"}}``, e.g. from :func:`load_clips`) nothing is
     trained and no calibration set is needed.  Otherwise each decoder layer's inputs are
-    collected on the already quantized model (:func:`edgellm.quant.calib.sequential`) and
+    collected on the already quantized model (:func:`edgellm.calib.sequential`) and
     every linear's clipping is learned from ``H = XᵀX``.  ``info`` (a dict) receives
     ``clips`` (the learned parameters, for :func:`save_clips`), ``errors`` (per layer:
     ``err_minmax``, ``err_lwc``, ``reduction`` = 1 − lwc/minmax) and ``seconds``.
@@ -216,7 +222,7 @@ def apply_lwc(model, calib=None, bits: int = 4, group_size: int | None = 64, sym
     t0 = time.perf_counter()
     result: dict[str, QTensor] = {}
     if clips is not None:
-        from ..models import linear_layers
+        from edgellm.models import linear_layers
 
         lins = linear_layers(model)
         missing = [n for n in lins if n not in clips]
@@ -253,7 +259,7 @@ def apply_lwc(model, calib=None, bits: int = 4, group_size: int | None = 64, sym
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="LWC")
     info.update(clips=learned, errors=errors, seconds=time.perf_counter() - t0)
-    from .gptq import in_model_order
+    from edgellm.calib import in_model_order
 
     return in_model_order(model, result)
 

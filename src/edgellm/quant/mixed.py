@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .calib import collect_inputs, layer_linears, sequential
-from .qtensor import QTensor, QuantError, dtype_bits
-from .rtn import check_bits, check_group_size, fake_quantize, quantize
+from edgellm.calib import collect_inputs, layer_linears, sequential
+from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.rtn import check_bits, check_group_size, fake_quantize, quantize
 
 
 def bpw_of(bits: int, group_size: int | None, in_features: int, sym: bool = False,
@@ -125,7 +125,7 @@ def apply_mixed(model, calib, bpw_budget: float = 4.5, candidates=CANDIDATES,
     """
     if method not in ("rtn", "gptq"):
         raise QuantError(f"mixed precision supports method 'rtn' or 'gptq', not {method!r}")
-    from ..models import linear_layers
+    from edgellm.models import linear_layers
 
     errors = sensitivities(model, calib, candidates, group_size, sym, layers=layers,
                            batch_size=batch_size, progress=progress)
@@ -135,7 +135,7 @@ def apply_mixed(model, calib, bpw_budget: float = 4.5, candidates=CANDIDATES,
            for n, m in lins.items()}
     alloc = allocate(errors, numels, bpw, bpw_budget)
     if method == "gptq":
-        from .gptq import apply_gptq
+        from edgellm.quant.gptq import apply_gptq
 
         result = apply_gptq(model, calib, alloc, group_size, sym, scale_dtype=scale_dtype,
                             layers=layers, batch_size=batch_size, progress=progress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qtensor import QTensor
+from edgellm.quant.qtensor import QTensor
 
 
 class QuantLinear(nn.Module):
@@ -35,7 +35,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, lin: nn.Linear, qt: QTensor | None = None, **quant_kwargs):
         """Wrap ``lin``; quantize its weight with RTN (``quant_kwargs``) unless ``qt`` is given."""
         if qt is None:
-            from .rtn import quantize
+            from edgellm.quant.rtn import quantize
 
             qt = quantize(lin.weight, **quant_kwargs)
         return cls(qt, lin.bias)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .qtensor import QuantError
+from edgellm.quant.qtensor import QuantError
 
 
 def packed_nbytes(n_codes: int, bits: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
 
 
 class QuantError(EdgeLLMError, ValueError):

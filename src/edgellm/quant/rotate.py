@@ -37,8 +37,8 @@ import math
 import torch
 from torch import nn
 
-from .calib import decoder_layers
-from .qtensor import QuantError
+from edgellm.calib import decoder_layers
+from edgellm.quant.qtensor import QuantError
 
 KINDS = ("hadamard", "random")
 

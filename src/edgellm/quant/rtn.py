@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
 
 SUPPORTED_BITS = tuple(range(2, 9))
 
@@ -157,7 +157,7 @@ def apply_rtn(model: torch.nn.Module, bits: int | dict[str, int] = 4, group_size
     tied embedding / lm_head is *not* quantized).  ``bits`` may be a dict ``{name: bits}``
     (mixed precision).
     """
-    from ..models import linear_layers
+    from edgellm.models import linear_layers
 
     layers = linear_layers(model) if layers is None else layers
     items = layers.items()

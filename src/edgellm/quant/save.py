@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from .pack import pack_codes, unpack_codes
-from .qtensor import QTensor, QuantError
+from edgellm.quant.pack import pack_codes, unpack_codes
+from edgellm.quant.qtensor import QTensor, QuantError
 
 WEIGHTS = "model.safetensors"
 QCONFIG = "quant_config.json"
 
 
 def _levels(fmt: str):
-    from . import formats
+    from edgellm.quant import formats
 
     if fmt in ("mxfp4", "MXFP4"):
         return formats.E2M1_LEVELS

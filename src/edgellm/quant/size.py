@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .qtensor import QTensor
+from edgellm.quant.qtensor import QTensor
 
 
 def bpw(bits: int, group_size: int, scale_bits: int = 16, offset_bits: int = 0) -> float:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qtensor import QuantError
+from edgellm.quant.qtensor import QuantError
 
 SITES = ("qkv", "gate_up", "down", "o")
 EPS = 1e-5  # floor of absmax values and factors: an all-zero channel does not give 0 or inf
@@ -152,8 +152,8 @@ def apply_smoothquant(model: nn.Module, calib, alpha: float = 0.5, *, sites=SITE
     s}}, "act_absmax_before", "act_absmax_after"}`` (the largest input absmax per site kind,
     over the layers, before and after).
     """
-    from .actstats import input_absmax
-    from .calib import decoder_layers
+    from edgellm.calib import decoder_layers
+    from edgellm.quant.actstats import input_absmax
 
     alpha = check_alpha(alpha)
     bad = [s for s in sites if s not in SITES]

@@ -18,7 +18,7 @@ over the evaluation windows, after one warm-up window: batched prefill, compute-
 after a 32-token prompt: memory- and overhead-bound), each with the fp32 model's speed measured in
 the same run (``*_base``), and with ``--eval`` perplexity, KL and
 top-1 agreement against the fp32 model on the same tokens (``edgellm quantize``'s
-``evaluate_quantized``).  ``--impl edgellm`` runs our from-scratch block formats instead
+``evaluate_paired``).  ``--impl edgellm`` runs our from-scratch block formats instead
 (fake-quantized fp32 weights: quality only; ``size_bytes`` is the packed size they would need).
 """
 
@@ -27,16 +27,25 @@ from __future__ import annotations
 import argparse
 import time
 
+from edgellm.cli.common import (
+    add_eval_args,
+    add_model_arg,
+    add_seed_arg,
+    check_eval_args,
+    check_model_name,
+    parse_threshold,
+)
+
 IMPLS = ("bnb", "edgellm")
 BNB_CHOICES = ("nf4", "fp4", "int8", "fp4_e2m1", "int4", "int4_asym")
 DECODE_PROMPT_TOKENS = 32
 
 
-def add_parser(subparsers, add_eval_args) -> None:
-    p = subparsers.add_parser("bnb", help="bitsandbytes NF4 / FP4 / int8 on CPU (and our versions)",
+def add_parsers(sub) -> None:
+    p = sub.add_parser("bnb", help="bitsandbytes NF4 / FP4 / int8 on CPU (and our versions)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    add_model_arg(p)
     p.add_argument("--mode", default="nf4", choices=BNB_CHOICES,
                    help="bitsandbytes: nf4, fp4, int8; with --impl edgellm also fp4_e2m1 "
                    "(plain E2M1), int4 (symmetric absmax, QLoRA's Int4), int4_asym (min/max RTN)")
@@ -45,25 +54,26 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.add_argument("--double-quant", action="store_true",
                    help="QLoRA double quantization of the 4-bit block absmax (8-bit, blocks of 256)")
     p.add_argument("--blocksize", type=int, default=64, help="weights per absmax (4-bit modes)")
-    p.add_argument("--threshold", type=float, default=6.0,
-                   help="int8: activation outlier threshold of LLM.int8() (0 = none)")
+    p.add_argument("--threshold", type=parse_threshold, default=6.0,
+                   help="int8: activation outlier threshold of LLM.int8() (0 / inf / none = "
+                   "no decomposition)")
     p.add_argument("--no-cpu-kernel", action="store_true",
                    help="4-bit: skip bitsandbytes' fused bf16 AVX512 kernel (dequantize to fp32, "
                    "then matmul)")
-    _add_run_args(p, add_eval_args)
+    _add_run_args(p)
 
-    p = subparsers.add_parser("torchao", help="torchao int8 weight-only / dynamic on CPU",
+    p = sub.add_parser("torchao", help="torchao int8 weight-only / dynamic on CPU",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    add_model_arg(p)
     p.add_argument("--mode", default="int8_weight_only",
                    choices=("int8_weight_only", "int8_dynamic"))
-    _add_run_args(p, add_eval_args)
+    _add_run_args(p)
 
 
-def _add_run_args(p, add_eval_args) -> None:
+def _add_run_args(p) -> None:
     """What ``edgellm bnb`` and ``edgellm torchao`` share: seed, evaluation, speed."""
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity and KL against the unquantized model")
     p.add_argument("--decode-tokens", type=int, default=32,
@@ -74,49 +84,25 @@ def _add_run_args(p, add_eval_args) -> None:
 
 def check_args(args) -> None:
     """Bad combinations → QuantError before any model is loaded."""
-    from . import production as P
-    from .qtensor import QuantError
+    from edgellm.quant.backends.bitsandbytes import check_bnb_args
+    from edgellm.quant.backends.torchao import check_torchao_mode
+    from edgellm.quant.blockwise import check_our_args
+    from edgellm.quant.qtensor import QuantError
 
+    check_model_name(args.model)
+    check_eval_args(args)
     if args.decode_tokens < 0:
         raise QuantError(f"--decode-tokens {args.decode_tokens}: give a number of generation "
                          "steps ≥ 1, or 0 to skip the decode speed")
     if args.command == "torchao":
-        P.check_torchao_mode(args.mode)
+        check_torchao_mode(args.mode)
         return
     if args.impl == "bnb":
-        P.check_bnb_args(args.mode, args.double_quant, args.blocksize, args.threshold)
+        check_bnb_args(args.mode, args.double_quant, args.blocksize, args.threshold)
         if args.mode == "int8" and args.no_cpu_kernel:
             raise QuantError("--no-cpu-kernel applies to the 4-bit modes (nf4, fp4)")
     else:
-        P.check_our_args(args.mode, args.double_quant, args.blocksize)
-
-
-def quantize_production(model, *, library: str = "bnb", mode: str = "nf4",
-                        double_quant: bool = False, blocksize: int = 64, threshold: float = 6.0,
-                        cpu_kernel: bool = True) -> dict:
-    """Quantize ``model`` in place with ``library`` in ``{"bnb", "edgellm", "torchao"}``;
-    return what was done (``mode``, ``library``, …, ``seconds_quantize``)."""
-    from . import production as P
-
-    t0 = time.perf_counter()
-    info = {"library": library, "mode": mode}
-    if library == "torchao":
-        P.apply_torchao(model, mode)
-        info["double_quant"] = False
-    elif library == "bnb":
-        P.apply_bnb(model, mode, double_quant, blocksize, threshold=threshold,
-                    cpu_kernel=cpu_kernel)
-        info.update(double_quant=double_quant, cpu_kernel=cpu_kernel)
-        if mode == "int8":
-            info["threshold"] = threshold
-        else:
-            info["blocksize"] = blocksize
-    else:
-        P.apply_blockwise(model, mode, blocksize, double_quant)
-        info.update(double_quant=double_quant, blocksize=None if mode == "int8" else blocksize,
-                    bpw=P.our_bpw(mode, blocksize, double_quant))
-    info["seconds_quantize"] = time.perf_counter() - t0
-    return info
+        check_our_args(args.mode, args.double_quant, args.blocksize)
 
 
 def _library_version(library: str) -> str | None:
@@ -132,12 +118,13 @@ def _library_version(library: str) -> str | None:
 def run(args) -> dict:
     import torch
 
-    from ..data import get_tokens
-    from ..metrics import decode_tokens_per_s, peak_rss_bytes
-    from ..models import linear_layers, load_model
-    from ..records import record
-    from . import production as P
-    from .cli import evaluate_quantized
+    from edgellm.data import get_tokens
+    from edgellm.measure import decode_tokens_per_s, memory_bytes, memory_report, peak_rss_bytes
+    from edgellm.measure import tokens_per_s as forward_tokens_per_s
+    from edgellm.metrics import evaluate_paired
+    from edgellm.models import linear_layers, load_model
+    from edgellm.quant.apply import quantize_production
+    from edgellm.records import record
 
     check_args(args)
     library = "torchao" if args.command == "torchao" else args.impl
@@ -145,7 +132,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(args.model, quiet=args.json)
     seconds_load_base = time.perf_counter() - t0
-    rec = {"memory_bytes_base": P.memory_bytes(model)}
+    rec = {"memory_bytes_base": memory_bytes(model)}
     info = quantize_production(
         model, library=library, mode=args.mode,
         double_quant=getattr(args, "double_quant", False),
@@ -153,7 +140,7 @@ def run(args) -> dict:
         cpu_kernel=not getattr(args, "no_cpu_kernel", False))
     rec.update(info, seconds_load=seconds_load_base + info["seconds_quantize"],
                seconds_load_base=seconds_load_base, library_version=_library_version(library))
-    rec.update(P.memory_report(model))
+    rec.update(memory_report(model))
     if library == "edgellm":
         n = sum(lin.weight.numel() for lin in linear_layers(model).values())
         rec["size_bytes"] = rec["memory_bytes"] - rec["memory_bytes_linears"] + round(
@@ -163,16 +150,16 @@ def run(args) -> dict:
     rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
                n_tokens=None, protocol=args.protocol, ctx=args.ctx, data=args.data)
     if args.eval:
-        rec.update(evaluate_quantized(
+        rec.update(evaluate_paired(
             model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
             ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
-            batch_size=args.batch_size, progress=not args.json))
+            batch_size=args.eval_batch_size, progress=not args.json))
     # after the evaluation, whose own ``tokens_per_s`` (eval throughput) this replaces
     if library == "edgellm":  # fake-quantized fp32 weights: fp32 speed, nothing to measure
         rec.update(tokens_per_s=None, tokens_per_s_base=None, n_tokens_speed=None)
     else:
-        speed = P.tokens_per_s(model, tokens, args.ctx, args.batch_size, args.chunks)
-        speed_base = P.tokens_per_s(reference, tokens, args.ctx, args.batch_size, args.chunks)
+        speed = forward_tokens_per_s(model, tokens, args.ctx, args.eval_batch_size, args.chunks)
+        speed_base = forward_tokens_per_s(reference, tokens, args.ctx, args.eval_batch_size, args.chunks)
         rec.update(tokens_per_s=speed["tokens_per_s"],
                    tokens_per_s_base=speed_base["tokens_per_s"],
                    n_tokens_speed=speed["n_tokens_speed"])
@@ -184,6 +171,6 @@ def run(args) -> dict:
         rec.update(decode_tokens_per_s=dec["decode_tokens_per_s"],
                    decode_tokens_per_s_base=dec_base["decode_tokens_per_s"],
                    decode_new_tokens=args.decode_tokens)
-    rec["memory_bytes_runtime"] = P.memory_bytes(model)
+    rec["memory_bytes_runtime"] = memory_bytes(model)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, seed=args.seed, model=args.model)

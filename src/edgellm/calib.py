@@ -24,26 +24,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .qtensor import QuantError
+from edgellm.errors import EdgeLLMError
+
+
+class CalibrationError(EdgeLLMError, ValueError):
+    """A calibration set or layer selection that cannot be used; the message says what to do."""
 
 
 def check_calibration(calib) -> torch.Tensor:
     """The calibration token ids as a (n_samples, seq_len) LongTensor; raises on an empty set."""
     if calib is None:
-        raise QuantError("no calibration set given; pass calib=edgellm.get_calibration(tokenizer=tok)"
+        raise CalibrationError("no calibration set given; pass calib=edgellm.get_calibration(tokenizer=tok)"
                          " (or --calib pydoc --n-samples N --seq-len L on the command line)")
     ids = torch.as_tensor(calib)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.numel() == 0:
-        raise QuantError(
+        raise CalibrationError(
             f"the calibration set is empty or malformed (shape {tuple(ids.shape)}); it must be a "
             "(n_samples, seq_len) tensor of token ids with n_samples >= 1 and seq_len >= 2, "
             "e.g. edgellm.get_calibration(n_samples=32, seq_len=512, tokenizer=tok)")
     if ids.shape[1] < 2:
-        raise QuantError(f"calibration seq_len={ids.shape[1]} is too short; use seq_len >= 2")
+        raise CalibrationError(f"calibration seq_len={ids.shape[1]} is too short; use seq_len >= 2")
     if ids.is_floating_point():
-        raise QuantError("the calibration set must hold integer token ids, not floats")
+        raise CalibrationError("the calibration set must hold integer token ids, not floats")
     return ids.long()
 
 
@@ -52,7 +56,7 @@ def decoder_layers(model) -> nn.ModuleList:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
-        raise QuantError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
+        raise CalibrationError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
                          "layer-wise calibration supports Llama-style Hugging Face models")
     return layers
 
@@ -228,7 +232,7 @@ def collect_inputs(layer, linears: dict[str, nn.Linear], stream: LayerStream, *,
             st.X = torch.cat(st.X)
     missing = [n for n in linears if n not in stats]
     if missing:
-        raise QuantError(f"linear layers {missing} were never called in the decoder layer")
+        raise CalibrationError(f"linear layers {missing} were never called in the decoder layer")
     return stats
 
 
@@ -263,7 +267,7 @@ def check_layers(layers, n_layers: int) -> set[int]:
     wanted = {int(i) for i in layers}
     bad = sorted(i for i in wanted if not 0 <= i < n_layers)
     if not wanted or bad:
-        raise QuantError(f"layers={sorted(wanted)} must be a non-empty set of decoder layer "
+        raise CalibrationError(f"layers={sorted(wanted)} must be a non-empty set of decoder layer "
                          f"indices in 0…{n_layers - 1}")
     return wanted
 
@@ -274,18 +278,11 @@ def logits_from_stream(model, stream: LayerStream) -> torch.Tensor:
     return model.lm_head(stream.base.norm(stream.hidden))
 
 
-def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor | None = None, *,
-                 H: torch.Tensor | None = None) -> float:
-    """Mean squared output error of a linear layer, ``‖(W − Q) Xᵀ‖² / n_tokens``.
+def in_model_order(model, result: dict) -> dict:
+    """``result`` re-ordered like the model's modules (q, k, v, o, gate, up, down per layer)."""
+    from edgellm.models import linear_layers
 
-    ``W``, ``Q`` (out, in); either raw inputs ``X`` (..., in) or ``H = 2 XᵀX / n`` (in, in),
-    with which the error is ``tr(ΔW H ΔWᵀ) / 2`` without touching the tokens again.
-    """
-    D = (W.float() - Q.float())  # (out, in)
-    if X is not None:
-        X2 = X.reshape(-1, X.shape[-1]).float()  # (n, in)
-        return (X2 @ D.T).square().sum().item() / X2.shape[0]
-    return ((D @ H.float()) * D).sum().item() / 2
+    return {n: result[n] for n in linear_layers(model) if n in result}
 
 
 @contextlib.contextmanager

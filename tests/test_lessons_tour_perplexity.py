@@ -5,17 +5,11 @@ import math
 import pytest
 import torch
 
-from edgellm import widgets
+from edgellm.lessons import tour
+from edgellm.lessons.common import LessonError, format_bytes
+from edgellm.lessons.perplexity import context_per_token, window_ppl
+from edgellm.lessons.tour import DEVICES, GiB, bits_per_weight, device_budget, weight_bytes
 from edgellm.metrics import perplexity, windows
-from edgellm.widgets import (
-    DEVICES,
-    GiB,
-    bits_per_weight,
-    context_per_token,
-    device_budget,
-    weight_bytes,
-    window_ppl,
-)
 
 
 def _row(rows, device, fmt):
@@ -37,7 +31,7 @@ def test_bits_per_weight_with_group_scales():
     # Q8_0: 32 bytes + fp16 scale = 272 bits / 32
     assert bits_per_weight("int8", group_size=32) == 8.5
     assert bits_per_weight("int4", group_size=64) == 4.25
-    with pytest.raises(widgets.WidgetError, match="unknown format"):
+    with pytest.raises(LessonError, match="unknown format"):
         bits_per_weight("int3")
 
 
@@ -66,10 +60,10 @@ def test_default_model_fits_everything_but_a_microcontroller():
 
 
 def test_budget_table_lists_every_device():
-    text = widgets.budget_table(device_budget(1_000_000_000))
+    text = tour.budget_table(device_budget(1_000_000_000))
     for d in DEVICES:
         assert d.name in text
-    assert widgets.format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(1536) == "1.5 KiB"
 
 
 @pytest.mark.parametrize("protocol,ctx,stride", [
@@ -114,7 +108,7 @@ def test_window_ppl_matches_perplexity(tiny):
     assert rec["n_tokens"] == 299
     assert rec["n_fed"] > 299  # overlapping windows re-feed tokens
     assert math.isfinite(rec["mean_context"]) and rec["stride"] == 16
-    with pytest.raises(widgets.WidgetError, match="stride"):
+    with pytest.raises(LessonError, match="stride"):
         window_ppl(tiny, tokens, ctx=64, stride=100)
 
 
@@ -123,5 +117,5 @@ def test_widgets_build():
     import matplotlib
 
     matplotlib.use("Agg")
-    box = widgets.device_budget_widget(7_000_000_000)
+    box = tour.device_budget_widget(7_000_000_000)
     assert box.children

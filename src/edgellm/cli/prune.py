@@ -24,14 +24,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-STRUCTURED = ("heads", "channels", "layers")
+from edgellm.cli.common import (
+    add_calib_args,
+    add_eval_args,
+    add_model_arg,
+    add_seed_arg,
+    check_eval_args,
+    check_model_name,
+)
+from edgellm.prune.apply import METHODS, STRUCTURED
 
 
 def _nm(text: str):
-    from .masks import PruneError, parse_nm
+    from edgellm.prune.masks import PruneError, parse_nm
 
     try:
         return parse_nm(text)
@@ -39,11 +45,11 @@ def _nm(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_parser(subparsers, add_eval_args) -> None:
-    p = subparsers.add_parser("prune", help="prune a model (unstructured, N:M, structured)",
+def add_parsers(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model (unstructured, N:M, structured)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    add_model_arg(p)
     p.add_argument("--method", default="wanda", choices=METHODS)
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="fraction of weights removed, in [0, 1)")
@@ -54,13 +60,11 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.add_argument("--ratio", type=float, default=0.2, help="fraction removed with --structured")
     p.add_argument("--granularity", default="query", choices=["query", "group"],
                    help="heads: query heads within each KV group, or whole KV groups")
-    p.add_argument("--calib", default="pydoc", help="calibration corpus (train split)")
-    p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_calib_args(p, n_samples=32)
+    add_seed_arg(p)
     p.add_argument("--recover-steps", type=int, default=0, help="fine-tune steps after pruning")
     p.add_argument("--recover-lr", type=float, help="default 2e-5 (plain) or 2e-4 (--lora)")
-    p.add_argument("--recover-batch", type=int, default=2)
+    p.add_argument("--recover-batch", type=int, default=2, help="training batch of the recovery")
     p.add_argument("--recover-seq-len", type=int, default=256)
     p.add_argument("--lora", action="store_true", help="recover with LoRA adapters (peft), merged")
     p.add_argument("--control", action="store_true",
@@ -71,77 +75,12 @@ def add_parser(subparsers, add_eval_args) -> None:
     p.set_defaults(func=run)
 
 
-def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | None = None,
-                nm: tuple[int, int] | None = None, scope: str = "row",
-                structured: str | None = None, ratio: float = 0.2, granularity: str = "query",
-                calib: str = "pydoc", n_samples: int = 32, seq_len: int = 512, seed: int = 0,
-                progress: bool = False) -> dict:
-    """Prune ``model`` in place by name; return a JSON-ready summary (achieved sparsity etc.).
-
-    The library entry point behind ``edgellm prune`` (the lesson calls it too).  Without
-    ``structured``, ``sparsity`` defaults to 0.5.
-    """
-    import torch
-
-    from .masks import PruneError
-
-    if method not in METHODS:
-        raise PruneError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if structured is None and sparsity is None and nm is None:
-        sparsity = 0.5
-    torch.manual_seed(seed)
-    info = {"method": method, "sparsity_target": sparsity,
-            "nm": f"{nm[0]}:{nm[1]}" if nm else None, "structured": structured,
-            "ratio": ratio if structured else None}
-    needs_calib = method != "magnitude" or structured == "layers"
-    ids = None
-    if needs_calib:
-        from ..data import get_calibration
-
-        ids = get_calibration(calib, n_samples, seq_len, seed, tokenizer=tok)
-        info.update(calib=calib, n_samples=n_samples, seq_len=seq_len)
-    t0 = time.perf_counter()
-    if structured:
-        from .structured import apply_structured
-
-        kw = {"granularity": granularity} if structured == "heads" else {}
-        s_ids = ids if (method != "magnitude" or structured == "layers") else None
-        sinfo = apply_structured(model, s_ids, structured, ratio, **kw)
-        info.update({k: v for k, v in sinfo.items() if k not in ("structured", "ratio")})
-    if sparsity is not None or nm is not None:
-        from .layers import check_target, prunable_linears
-
-        check_target(sparsity, nm, prunable_linears(model))  # fail before any work
-        if method == "magnitude":
-            from .magnitude import apply_magnitude
-
-            stats = apply_magnitude(model, sparsity=sparsity, nm=nm, scope=scope)
-            info["scope"] = scope
-        elif method == "wanda":
-            from .wanda import apply_wanda
-
-            stats = apply_wanda(model, ids, sparsity, nm, progress=progress)
-        else:
-            from .sparsegpt import apply_sparsegpt
-
-            stats = apply_sparsegpt(model, ids, sparsity, nm, progress=progress)
-    else:
-        from .layers import sparsity_stats
-
-        stats = sparsity_stats(model)
-    info["seconds_prune"] = time.perf_counter() - t0
-    per = stats["layers"]
-    info.update(sparsity=stats["sparsity"], sparsity_layers=per,
-                sparsity_min=min(per.values()), sparsity_max=max(per.values()))
-    return info
-
-
 def _eval(model, reference, tok, args) -> dict:
-    from ..quant.cli import evaluate_quantized
+    from edgellm.metrics import evaluate_paired
 
-    res = evaluate_quantized(model, reference, tok, data=args.data, split=args.split,
+    res = evaluate_paired(model, reference, tok, data=args.data, split=args.split,
                              protocol=args.protocol, ctx=args.ctx, max_tokens=args.max_tokens,
-                             chunks=args.chunks, batch_size=args.batch_size,
+                             chunks=args.chunks, batch_size=args.eval_batch_size,
                              progress=not args.json)
     # the evaluation's own throughput (unpaired, batched) must not replace the paired
     # tokens_per_s / tokens_per_s_base measured above
@@ -153,11 +92,12 @@ def _eval(model, reference, tok, args) -> dict:
 def run(args) -> dict:
     import os
 
-    from ..data import get_tokens
-    from ..metrics import peak_rss_bytes
-    from ..models import load_model, n_params
-    from ..records import record
-    from .accounting import model_bytes, paired_tokens_per_s, sparse_storage
+    from edgellm.data import get_tokens
+    from edgellm.measure import paired_tokens_per_s, peak_rss_bytes
+    from edgellm.models import load_model, n_params
+    from edgellm.prune.accounting import model_bytes, sparse_storage
+    from edgellm.prune.apply import prune_model
+    from edgellm.records import record
 
     _check_args(args)  # fail before loading anything
     model, tok = load_model(args.model, quiet=args.json)
@@ -181,7 +121,7 @@ def run(args) -> dict:
     if args.eval:
         rec.update(_eval(model, reference, tok, args))
     if args.recover_steps:
-        from .recover import finetune, zero_masks
+        from edgellm.prune.recover import finetune, zero_masks
 
         train = get_tokens(args.calib, tok, "train")
         masks = zero_masks(model) if (args.sparsity is not None or args.nm is not None) else None
@@ -215,8 +155,8 @@ def run(args) -> dict:
 
 
 def _check_args(args) -> None:
-    from .masks import PruneError, check_sparsity
-    from .structured import _check_ratio
+    from edgellm.prune.masks import PruneError, check_sparsity
+    from edgellm.prune.structured import _check_ratio
 
     if args.sparsity is not None:
         check_sparsity(args.sparsity)
@@ -226,13 +166,14 @@ def _check_args(args) -> None:
         raise PruneError(f"--recover-steps {args.recover_steps} must be >= 0")
     if args.n_samples < 1 or args.seq_len < 2:
         raise PruneError("--n-samples must be >= 1 and --seq-len >= 2")
-    from ..data import load_text
+    from edgellm.data import load_text
 
-    load_text(args.calib, "train")  # unknown corpus / changed stdlib files: fail before loading
-    load_text(args.data, args.split)
+    check_model_name(args.model)
+    check_eval_args(args)  # unknown corpus / changed stdlib files: fail before loading
+    load_text(args.calib, "train")
 
 
 def _lins(model):
-    from .layers import prunable_linears
+    from edgellm.prune.layers import prunable_linears
 
     return list(prunable_linears(model).values())

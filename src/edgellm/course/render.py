@@ -25,10 +25,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .course import ROOT
-from .errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
+from edgellm.paths import root
 
-WEB_DIR = ROOT / "tests" / "browser"          # package.json of the offline web assets
+WEB_DIR = root() / "tests" / "browser"          # package.json of the offline web assets
 STATIC = "_static"
 MATHJAX_CONFIG = "TeX-AMS_CHTML-full,Safe"
 
@@ -68,7 +68,7 @@ def ensure_assets(*, install: bool = True) -> Path:
     if assets_available():
         return node_modules()
     if install and shutil.which("npm") and (WEB_DIR / "package-lock.json").is_file():
-        print(f"render: installing the offline web assets (npm ci in {WEB_DIR.relative_to(ROOT)})")
+        print(f"render: installing the offline web assets (npm ci in {WEB_DIR})")
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB_DIR, check=False)
     if not assets_available():
         raise EdgeLLMError(
@@ -145,7 +145,7 @@ def notebook_title(nb, default: str) -> str:
 
 def render_notebook(nb, dest, out) -> Path:
     """Write ``nb`` (an executed nbformat notebook) as an HTML page ``dest`` of the course ``out``."""
-    from .records import write_text
+    from edgellm.records import write_text
 
     dest = Path(dest)
     ex = exporter(_rel_static(dest, Path(out)))
@@ -236,7 +236,7 @@ def _label(r: dict, i: int, records: list[dict]) -> str:
 
 
 def load_sweeps(results_dir=None) -> list[dict]:
-    results_dir = Path(results_dir) if results_dir is not None else ROOT / "results"
+    results_dir = Path(results_dir) if results_dir is not None else root() / "results"
     out = []
     for p in sorted(results_dir.glob("*.json")):
         try:
@@ -257,7 +257,7 @@ def headline(record: dict) -> dict:
 
 def render_results(out, sweeps: list[dict] | None = None, notebooks: list[dict] | None = None) -> dict:
     """Write ``out/results.json`` and ``out/results.html`` from the recorded sweeps."""
-    from .records import write_json, write_text
+    from edgellm.records import write_json, write_text
 
     out = Path(out)
     sweeps = load_sweeps() if sweeps is None else sweeps
@@ -304,7 +304,7 @@ def render_index(out, entries: list[dict], *, fast: bool = False) -> Path:
     ``entries``: dicts with ``folder``, ``name``, ``title``, ``html`` (relative link or None),
     ``status`` ("ok" / "error: ..."), ``seconds``.
     """
-    from .records import write_text
+    from edgellm.records import write_text
 
     out = Path(out)
     sections = {"notebooks": "Lessons", "solutions": "Labs (with solutions and checks)"}
@@ -332,7 +332,8 @@ def render_index(out, entries: list[dict], *, fast: bool = False) -> Path:
     return write_text(_page("edgellm course", "\n".join(parts), STATIC), out / "index.html")
 
 
-def render_course(out, runs: list[dict], *, fast: bool = False, exercises_dir=None) -> dict:
+def render_course(out, runs: list[dict], *, fast: bool = False, exercises_dir=None,
+                  web_assets: bool = True) -> dict:
     """Render executed notebooks, copy the exercise sheets, write results and index pages.
 
     ``runs``: dicts ``{"folder", "name", "ipynb" (executed notebook path), "status", "seconds"}``.
@@ -354,7 +355,7 @@ def render_course(out, runs: list[dict], *, fast: bool = False, exercises_dir=No
             render_notebook(nb, dest, out)
             entry["html"] = dest.relative_to(out).as_posix()
         entries.append(entry)
-    ex_dir = Path(exercises_dir) if exercises_dir is not None else ROOT / "exercises"
+    ex_dir = Path(exercises_dir) if exercises_dir is not None else root() / "exercises"
     for sheet in sorted(ex_dir.glob("[0-9][0-9]_*.ipynb")):
         (out / "exercises").mkdir(parents=True, exist_ok=True)
         shutil.copy2(sheet, out / "exercises" / sheet.name)

@@ -1,52 +1,22 @@
-"""Course helpers: FAST mode, and the side-by-side check every lesson prints."""
+"""Executing notebooks in a fresh kernel, and ``make course``: every notebook, then the HTML course.
+
+Tests run notebooks in FAST mode; ``edgellm course run`` runs them in full mode.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import torch
-
-
-def is_fast() -> bool:
-    """FAST mode (``EDGELLM_FAST=1``) runs the same cells on fewer tokens, samples and steps."""
-    return os.environ.get("EDGELLM_FAST", "").lower() in ("1", "true", "yes", "on")
-
-
-FAST = is_fast()
-
-
-def fast_or(full, fast):
-    """``full`` normally, ``fast`` in FAST mode: ``n_tokens = fast_or(20_000, 2_048)``."""
-    return fast if is_fast() else full
-
-
-def cmp(name: str, ours, ref, *, atol: float = 1e-6, rtol: float = 1e-5) -> dict:
-    """Compare a result with a reference and print exact / close / max difference.
-
-    Returns a dict with ``exact``, ``close`` and ``max_diff`` so check cells can assert on it.
-    """
-    a = torch.as_tensor(ours).detach().double()
-    b = torch.as_tensor(ref).detach().double()
-    if a.shape != b.shape:
-        print(f"{name:<32} shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-        return {"exact": False, "close": False, "max_diff": float("inf")}
-    exact = bool(torch.equal(a, b))
-    close = bool(torch.allclose(a, b, atol=atol, rtol=rtol))
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    print(f"{name:<32} exact: {exact!s:<5}  close: {close!s:<5}  max diff: {diff:.3g}")
-    return {"exact": exact, "close": close, "max_diff": diff}
-
+from edgellm.paths import root
 
 # --------------------------------------------------------------------------------------------
 # executing notebooks (tests run them in FAST mode; `make course` in full mode)
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
-
-
 def course_notebooks(*folders: str) -> list:
     """Lesson and lab notebooks in course order (by their NN_ prefix)."""
     folders = folders or ("notebooks", "solutions")
-    return [p for f in folders for p in sorted((ROOT / f).glob("[0-9][0-9]_*.ipynb"))]
+    return [p for f in folders for p in sorted((root() / f).glob("[0-9][0-9]_*.ipynb"))]
 
 
 def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
@@ -59,9 +29,9 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
     import nbformat
     from nbclient import NotebookClient
 
-    from .records import write_text
+    from edgellm.records import write_text
 
-    path = __import__("pathlib").Path(path)
+    path = Path(path)
     nb = nbformat.read(path, as_version=4)
     saved = os.environ.get("EDGELLM_FAST")
     os.environ["EDGELLM_FAST"] = "1" if fast else "0"
@@ -93,15 +63,14 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
 BUDGET_SECONDS = {"fast": {"notebooks": 45, "solutions": 30}, "full": 300}
 
 
-def run_course(out, *, fast: bool = False, only: str | None = None, render: bool = True) -> int:
+def run_course(out, *, fast: bool = False, only: str | None = None, render: bool = True,
+               web_assets: bool = True) -> int:
     """Execute notebooks/ then solutions/ into ``out`` and render the HTML course; return an exit code.
 
     A notebook that fails is still rendered (its page shows the error) and makes the exit code 1.
     ``only`` keeps the notebooks whose name contains it (e.g. ``"01_"``).
     """
-    from pathlib import Path
-
-    from .exercises import run_notebook
+    from edgellm.course.labs import run_notebook
 
     out = Path(out)
     runs, failed = [], 0
@@ -124,35 +93,10 @@ def run_course(out, *, fast: bool = False, only: str | None = None, render: bool
         runs.append({"folder": folder, "name": path.stem, "ipynb": str(dest), "status": status,
                      "seconds": round(run.seconds, 1), "budget_seconds": budget})
     if render:
-        from .render import render_course
+        from edgellm.course.render import render_course
 
-        render_course(out, runs, fast=fast)
+        render_course(out, runs, fast=fast, web_assets=web_assets)
         print(f"course: {out / 'index.html'}  results: {out / 'results.html'}")
     if failed:
         print(f"course: {failed} notebook(s) failed", flush=True)
     return 1 if failed else 0
-
-
-def main(argv=None) -> int:
-    """``python -m edgellm.course run --out build/course [--fast] [--only 01_]``."""
-    import argparse
-
-    from .errors import EdgeLLMError
-
-    p = argparse.ArgumentParser(prog="python -m edgellm.course")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="execute every notebook and render the HTML course")
-    r.add_argument("--out", default="build/course")
-    r.add_argument("--fast", action="store_true", help="FAST mode (fewer tokens, samples, steps)")
-    r.add_argument("--only", help="only the notebooks whose file name contains this")
-    r.add_argument("--no-render", action="store_true", help="execute only")
-    args = p.parse_args(argv)
-    try:
-        return run_course(args.out, fast=args.fast, only=args.only, render=not args.no_render)
-    except EdgeLLMError as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,7 +13,7 @@ activation and weight ranges of one linear layer before and after SmoothQuant's 
 
 from __future__ import annotations
 
-from .qtensor import QuantError
+from edgellm.quant.qtensor import QuantError
 
 SWEEPS = ("04_w8a8", "04_llm_int8", "04_kv", "04_rotate", "04_lwc")
 
@@ -30,7 +30,7 @@ def not_recorded(name: str) -> str:
 def load_sweeps(names=SWEEPS, *, verbose: bool = True) -> dict[str, list[dict]]:
     """``{sweep name: records}`` for lesson 04's sweeps; a missing file or a sweep still being
     measured gives ``[]`` (and, with ``verbose``, prints :func:`not_recorded`)."""
-    from ..results import load_records
+    from edgellm.results import load_records
 
     out = {}
     for n in names:
@@ -165,7 +165,7 @@ def smoothing_ranges(x_absmax, w_absmax, alpha: float = 0.5) -> dict:
     """
     import torch
 
-    from .smoothquant import smooth_factors
+    from edgellm.quant.smoothquant import smooth_factors
 
     x = torch.as_tensor(x_absmax).float()
     w = torch.as_tensor(w_absmax).float()
@@ -235,7 +235,7 @@ def plot_ranges(ranges: dict, axes=None, title: str = ""):
 def kv_memory(config, bits=(16, 8, 4), n_tokens: int = 1024, **kwargs) -> list[dict]:
     """KV-cache size for ``n_tokens`` at each width: ``{bits, bytes, MB, saved_MB, ratio}``
     (scales and offsets included, :func:`edgellm.quant.kv.kv_cache_bytes`)."""
-    from .kv import kv_cache_bytes
+    from edgellm.quant.kv import kv_cache_bytes
 
     base = kv_cache_bytes(config, n_tokens, 16)
     rows = []

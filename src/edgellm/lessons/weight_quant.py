@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import math
 
-from ..metrics import mean_stderr, token_logprobs
+from edgellm.metrics import mean_stderr, token_logprobs
 
 METHOD_ORDER = ("rtn", "gptq", "awq", "imatrix", "rtn-mixed", "gptq-mixed", "gguf")
 
 
 def sweeps() -> list[str]:
     """Lesson 03's recorded sweeps: every ``results/03_*.json``."""
-    from ..results import sweep_names
+    from edgellm.results import sweep_names
 
     return [n for n in sweep_names() if n.startswith("03_")]
 
 
 def load_results(names=None) -> list[dict]:
     """All records of lesson 03's sweeps (missing or not yet run sweeps give no records)."""
-    from ..results import load_records
+    from edgellm.results import load_records
 
     out = []
     for n in sweeps() if names is None else names:

@@ -15,23 +15,21 @@ A lab notebook in ``solutions/NN_topic.ipynb`` is the single source of an exerci
 ``raise NotImplementedError("<hint>")`` at the same indentation; the checks are kept.
 :func:`grade` executes a notebook and reports each check cell as PASS / FAIL / ERROR / NOT RUN.
 
-``python -m edgellm.exercises generate | check-drift | grade NOTEBOOK... | nbgrader OUT``
+``edgellm exercises generate | check-drift | grade NOTEBOOK... | nbgrader OUT``
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .course import ROOT
-from .errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
+from edgellm.paths import root
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -286,7 +284,7 @@ def exercises_of(nb, *, where: str = "notebook") -> list[Exercise]:
         if not ex.checks:
             raise LabFormatError(
                 f"{where}: the exercise in cell {ex.cell} has no check cell after it; add a cell "
-                "calling edgellm.exercises.check(name, got, want, atol=..., rtol=...)")
+                "calling edgellm.course.labs.check(name, got, want, atol=..., rtol=...)")
     return found
 
 
@@ -325,7 +323,7 @@ def expected_exercises(src_dir=None) -> dict[Path, str]:
     """{relative exercise path: notebook text} generated from every ``NN_*.ipynb`` in ``src_dir``."""
     import nbformat
 
-    src_dir = Path(src_dir) if src_dir is not None else ROOT / "solutions"
+    src_dir = Path(src_dir) if src_dir is not None else root() / "solutions"
     out = {}
     for path in sorted(src_dir.glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(path, as_version=4)
@@ -335,10 +333,10 @@ def expected_exercises(src_dir=None) -> dict[Path, str]:
 
 def generate(src_dir=None, dst_dir=None, *, quiet: bool = False) -> list[Path]:
     """Write ``dst_dir/NN_topic.ipynb`` for every ``src_dir/NN_topic.ipynb``; remove stale ones."""
-    from .records import write_text
+    from edgellm.records import write_text
 
-    src_dir = Path(src_dir) if src_dir is not None else ROOT / "solutions"
-    dst_dir = Path(dst_dir) if dst_dir is not None else ROOT / "exercises"
+    src_dir = Path(src_dir) if src_dir is not None else root() / "solutions"
+    dst_dir = Path(dst_dir) if dst_dir is not None else root() / "exercises"
     written = []
     expected = expected_exercises(src_dir)
     for rel, text in expected.items():
@@ -358,8 +356,8 @@ def generate(src_dir=None, dst_dir=None, *, quiet: bool = False) -> list[Path]:
 
 def drift(src_dir=None, dst_dir=None) -> list[str]:
     """What is out of date in ``dst_dir`` (empty when the exercises match the solutions)."""
-    src_dir = Path(src_dir) if src_dir is not None else ROOT / "solutions"
-    dst_dir = Path(dst_dir) if dst_dir is not None else ROOT / "exercises"
+    src_dir = Path(src_dir) if src_dir is not None else root() / "solutions"
+    dst_dir = Path(dst_dir) if dst_dir is not None else root() / "exercises"
     expected = expected_exercises(src_dir)
     problems = []
     for rel, text in expected.items():
@@ -390,7 +388,7 @@ class NotebookRun:
 
 def run_notebook(path, out=None, *, fast: bool = True, stop_on_error: bool = False,
                  env: dict | None = None, timeout: int = 900) -> NotebookRun:
-    """Execute a notebook in a fresh kernel (via :func:`edgellm.course.execute_notebook`).
+    """Execute a notebook in a fresh kernel (via :func:`edgellm.course.run.execute_notebook`).
 
     ``stop_on_error=False`` runs every cell and collects the errors; ``True`` stops at the first.
     ``env`` sets extra environment variables for the kernel (e.g. ``{"EDGELLM_PERTURB": "1.01"}``).
@@ -400,7 +398,7 @@ def run_notebook(path, out=None, *, fast: bool = True, stop_on_error: bool = Fal
     import nbformat
     from nbclient.exceptions import CellExecutionError
 
-    from .course import execute_notebook
+    from edgellm.course.run import execute_notebook
 
     path = Path(path)
     saved = {k: os.environ.get(k) for k in (env or {})}
@@ -512,9 +510,9 @@ def write_nbgrader_source(out_dir, src_dir=None, *, assignment_prefix: str = "")
     """``out_dir/source/<NN_topic>/<NN_topic>.ipynb`` for every solution notebook (nbgrader layout)."""
     import nbformat
 
-    from .records import write_text
+    from edgellm.records import write_text
 
-    src_dir = Path(src_dir) if src_dir is not None else ROOT / "solutions"
+    src_dir = Path(src_dir) if src_dir is not None else root() / "solutions"
     written = []
     for path in sorted(src_dir.glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(path, as_version=4)
@@ -524,60 +522,3 @@ def write_nbgrader_source(out_dir, src_dir=None, *, assignment_prefix: str = "")
         write_text(_dumps(to_nbgrader(nb)), dest)
         written.append(dest)
     return written
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgellm.exercises", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="write exercises/ from solutions/")
-    g.add_argument("--src", default=None)
-    g.add_argument("--dst", default=None)
-    d = sub.add_parser("check-drift", help="exit 1 if exercises/ is out of date with solutions/")
-    d.add_argument("--src", default=None)
-    d.add_argument("--dst", default=None)
-    r = sub.add_parser("grade", help="execute lab notebooks and score their check cells")
-    r.add_argument("notebooks", nargs="+")
-    r.add_argument("--full", action="store_true", help="full mode instead of FAST")
-    r.add_argument("--json", help="write the grades to this JSON file")
-    n = sub.add_parser("nbgrader", help="write an nbgrader source/ folder from solutions/")
-    n.add_argument("out")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "generate":
-            generate(args.src, args.dst)
-        elif args.cmd == "check-drift":
-            problems = drift(args.src, args.dst)
-            for line in problems:
-                print(line)
-            if problems:
-                print("run `make exercises` to regenerate exercises/ from solutions/")
-                return 1
-            print("exercises/ is up to date")
-        elif args.cmd == "grade":
-            grades = []
-            for nbpath in args.notebooks:
-                g = grade(nbpath, fast=not args.full)
-                grades.append(g)
-                print(f"{g['notebook']}: {g['score']}/{g['max_score']} check cells pass"
-                      f" ({g['unanswered_stubs']} unanswered stub(s), {g['seconds']} s)")
-                for row in g["checks"]:
-                    print(f"  cell {row['cell']:>3}  {row['status']:<7} "
-                          f"{','.join(row['checks'])}  {row['detail'][:120]}")
-            if args.json:
-                from .records import write_json
-                write_json(grades, args.json)
-        elif args.cmd == "nbgrader":
-            for path in write_nbgrader_source(args.out):
-                print(f"wrote {path}")
-    except EdgeLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .magnitude import magnitude_scores
-from .masks import PruneError, select_mask
-from .wanda import wanda_scores
+from edgellm.prune.magnitude import magnitude_scores
+from edgellm.prune.masks import PruneError, select_mask
+from edgellm.prune.wanda import wanda_scores
 
 
 def mask_for(W: torch.Tensor, method: str = "magnitude", sparsity: float = 0.5,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import FORMATS, format_bits, quantization_error, quantize_format
+from edgellm.quant.formats import FORMATS, format_bits, quantization_error, quantize_format
 
 GROUP_CHOICES = (("g32", 32), ("g64", 64), ("g192", 192), ("per channel", None),
                  ("per tensor", -1))
@@ -22,7 +22,7 @@ def group_grid(qt, row: int = 0, group: int = 0) -> torch.Tensor:
     if qt.levels is not None:
         lv = qt.levels[torch.isfinite(qt.levels)]
     else:
-        from .rtn import code_range
+        from edgellm.quant.rtn import code_range
 
         lo, hi = code_range(qt.bits, qt.sym) if qt.fmt == "int" else (
             int(qt.codes.min()), int(qt.codes.max()))

@@ -1,26 +1,19 @@
-"""Interactive experiments for the lessons: pure functions, and thin ipywidgets views over them.
+"""Lesson 00 (setup and tour): where a model's bytes are, and which devices it fits.
 
-The pure functions (``weight_bytes``, ``device_budget``, ``context_per_token``, ``window_ppl``)
-return plain numbers and rows, so the tests call them directly; the ``*_widget`` functions only
-wire sliders to them and display the result.
+Pure functions (``bits_per_weight``, ``weight_bytes``, ``device_budget``, ``budget_table``) return
+plain numbers and rows, so tests call them directly; the plot and the widget only draw them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .errors import EdgeLLMError
+from edgellm.lessons.common import LessonError, format_bytes, new_figure
 
 GiB = 1 << 30
 
 # bits per weight of the plain number formats, before any per-group scale is added
 FORMAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
-
-
-class WidgetError(EdgeLLMError, ValueError):
-    """Bad settings for an experiment (unknown format, stride larger than ctx, …)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +52,7 @@ def bits_per_weight(fmt: str = "int4", *, group_size: int | None = None, scale_b
     4 + 2·16/32 = 5.0 bits.  ``group_size=None`` counts the weights alone.
     """
     if fmt not in FORMAT_BITS:
-        raise WidgetError(f"unknown format {fmt!r}; use one of {', '.join(FORMAT_BITS)}")
+        raise LessonError(f"unknown format {fmt!r}; use one of {', '.join(FORMAT_BITS)}")
     bits = float(FORMAT_BITS[fmt])
     if group_size:
         bits += scale_bits * (2 if with_min else 1) / group_size
@@ -91,15 +84,6 @@ def device_budget(n_params: int, *, devices=DEVICES, formats=("fp32", "fp16", "i
     return rows
 
 
-def format_bytes(n: float) -> str:
-    """``1536 → '1.5 KiB'``: binary units, three significant digits."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.3g} TiB"
-
-
 def budget_table(rows: list[dict]) -> str:
     """A fixed-width text table of :func:`device_budget` rows (devices × formats)."""
     formats = list(dict.fromkeys(r["format"] for r in rows))
@@ -118,49 +102,49 @@ def budget_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# perplexity windows
+def plot_params_by_module(groups: dict[str, int], *, bytes_per_param: float = 4.0):
+    """Horizontal bars: parameters (and bytes at ``bytes_per_param``) of each module kind."""
+    fig, ax = new_figure((7, 2.6))
+    names = list(groups)
+    counts = [groups[n] / 1e6 for n in names]
+    bars = ax.barh(names, counts, color="tab:blue")
+    total = sum(groups.values())
+    for bar, n in zip(bars, names, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {groups[n] / 1e6:.2f} M  ({100 * groups[n] / total:.1f} %, "
+                f"{groups[n] * bytes_per_param / 2**20:.0f} MiB)", va="center", fontsize=9)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_xlim(0, max(counts) * 1.6)
+    ax.invert_yaxis()
+    ax.set_title(f"Where the parameters are: {total / 1e6:.1f} M in all")
+    return fig
 
 
-def context_per_token(n_tokens: int, protocol: str = "sliding", ctx: int = 512,
-                      stride: int | None = None) -> torch.Tensor:
-    """For each scored token, how many tokens of context the model saw: LongTensor (N_scored,).
+def plot_device_budget(rows: list[dict]):
+    """Memory needed per format against each device's budget (log scale), from ``device_budget``."""
+    import matplotlib
+    import numpy as np
 
-    Follows :func:`edgellm.metrics.windows` exactly, so its length is the ``n_tokens`` a
-    perplexity record reports.
-    """
-    from .metrics import windows
-
-    parts = []
-    for w in windows(n_tokens, protocol, ctx, stride):
-        # position p of the window predicts token start+p+1 having seen p+1 tokens
-        parts.append(torch.arange(w.first, w.end - w.start - 1) + 1)
-    return torch.cat(parts)
-
-
-def window_ppl(model, tokens: torch.Tensor, ctx: int = 256, stride: int | None = None, *,
-               protocol: str = "sliding", batch_size: int = 4) -> dict:
-    """Perplexity of ``model`` on 1-D ``tokens`` with one window setting, plus the cost.
-
-    Returns the :func:`edgellm.metrics.perplexity` record with ``n_fed`` (tokens pushed through
-    the model) and ``mean_context`` (average context of a scored token) added.
-    """
-    from .metrics import perplexity, windows
-
-    if protocol == "sliding":
-        stride = stride or ctx // 2
-    if protocol == "sliding" and not 1 <= stride <= ctx:
-        raise WidgetError(f"stride={stride} must be between 1 and ctx={ctx}")
-    rec = perplexity(model, tokens, protocol, ctx, stride=stride, batch_size=batch_size,
-                     progress=False)
-    wins = windows(len(tokens), protocol, ctx, stride)
-    rec["n_fed"] = sum(w.end - w.start for w in wins)
-    rec["mean_context"] = context_per_token(len(tokens), protocol, ctx, stride).double().mean().item()
-    return rec
-
-
-# --------------------------------------------------------------------------------------------
-# views (ipywidgets)
+    fig, ax = new_figure((8, 3.6))
+    formats = list(dict.fromkeys(r["format"] for r in rows))
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    cell = {(r["device"], r["format"]): r for r in rows}
+    x = np.arange(len(formats))
+    need = [cell[(devices[0], f)]["need_bytes"] for f in formats]
+    ax.bar(x, need, width=0.5, color="tab:blue", label="model + overhead")
+    for i, n in enumerate(need):
+        ax.text(i, n, format_bytes(n), ha="center", va="bottom", fontsize=8)
+    colors = matplotlib.colormaps["tab10"]
+    for j, d in enumerate(devices):
+        b = cell[(d, formats[0])]["budget_bytes"]
+        ax.axhline(b, color=colors(j + 1), ls="--", lw=1.2, label=f"{d}: {format_bytes(b)} usable")
+    ax.set_yscale("log")
+    ax.set_xticks(x, formats)
+    ax.set_ylabel("bytes")
+    n = rows[0]["n_params"]
+    ax.set_title(f"A {n / 1e9:.3g} B-parameter model: memory needed vs. device budgets")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
 
 
 def device_budget_widget(n_params: int | None = None):
@@ -168,8 +152,6 @@ def device_budget_widget(n_params: int | None = None):
     import ipywidgets as W
     import matplotlib.pyplot as plt
     from IPython.display import display
-
-    from .plots import plot_device_budget
 
     size = W.FloatLogSlider(value=(n_params or 135e6) / 1e9, base=10, min=-2, max=2, step=0.05,
                             description="params (B)", readout_format=".3g")
@@ -192,41 +174,3 @@ def device_budget_widget(n_params: int | None = None):
         w.observe(show, names="value")
     show()
     return W.VBox([W.HBox([size, overhead, group]), out])
-
-
-def context_stride_widget(model, tokens: torch.Tensor):
-    """Pick ``ctx`` and ``stride``; press the button to measure sliding-window perplexity.
-
-    Each press runs :func:`window_ppl` on ``tokens`` (keep them to a few thousand: the cost is
-    printed as tokens fed through the model).
-    """
-    import ipywidgets as W
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    from .plots import plot_windows
-
-    ctx = W.Dropdown(options=[64, 128, 256, 512, 1024], value=256, description="ctx")
-    frac = W.Dropdown(options=[("ctx (no overlap)", 1.0), ("ctx/2", 0.5), ("ctx/4", 0.25),
-                               ("ctx/8", 0.125)], value=0.5, description="stride")
-    button = W.Button(description="measure", button_style="primary")
-    out = W.Output()
-    history = []
-
-    def run(*_):
-        c = min(ctx.value, len(tokens))
-        s = max(1, int(c * frac.value))
-        with out:
-            out.clear_output(wait=True)
-            rec = window_ppl(model, tokens, c, s)
-            history.append(rec)
-            for r in history[-6:]:
-                print(f"ctx={r['ctx']:5d} stride={r['stride']:5d}  ppl={r['ppl']:8.3f} ± "
-                      f"{r['ppl_stderr']:.3f}  scored={r['n_tokens']}  fed={r['n_fed']}  "
-                      f"mean context={r['mean_context']:.0f}  {r['seconds']:.1f} s")
-            fig = plot_windows(len(tokens), "sliding", c, s)
-            display(fig)
-            plt.close(fig)
-
-    button.on_click(run)
-    return W.VBox([W.HBox([ctx, frac, button]), out])

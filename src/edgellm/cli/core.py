@@ -1,0 +1,102 @@
+"""``edgellm info``, ``fetch``, ``ppl`` and ``kl``: the environment, the cache and the yardsticks."""
+
+from __future__ import annotations
+
+import time
+
+from edgellm.cli.common import (
+    add_eval_args,
+    add_json_arg,
+    add_model_arg,
+    check_eval_args,
+    check_model_name,
+)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("info", help="versions, threads, cache location, default model status")
+    add_json_arg(p)
+    p.set_defaults(func=info)
+
+    p = sub.add_parser("fetch", help="download and cache a registry model (the default: smollm2-135m)")
+    p.add_argument("--model", default="smollm2-135m")
+    add_json_arg(p)
+    p.set_defaults(func=fetch)
+
+    p = sub.add_parser("ppl", help="perplexity of a model on a corpus under a named protocol")
+    add_model_arg(p)
+    p.add_argument("--stride", type=int, help="sliding protocol: step between windows (ctx/2)")
+    add_eval_args(p)
+    p.set_defaults(func=ppl)
+
+    p = sub.add_parser("kl", help="token-level KL divergence of a model against a reference")
+    p.add_argument("--model", required=True, help="the model to compare")
+    p.add_argument("--reference", default="smollm2-135m")
+    p.add_argument("--stride", type=int, help="sliding protocol: step between windows (ctx/2)")
+    add_eval_args(p)
+    p.set_defaults(func=kl)
+
+
+def info(args) -> dict:
+    import torch
+
+    from edgellm.models import DEFAULT_MODEL, REGISTRY, verify_manifest
+    from edgellm.paths import cache_dir
+    from edgellm.records import versions
+
+    folder = cache_dir() / "models" / DEFAULT_MODEL
+    status = "not cached (run: edgellm fetch)"
+    if folder.is_dir():
+        problem = verify_manifest(folder)
+        status = "cached and verified" if problem is None else f"cache damaged: {problem}"
+    return {"versions": versions(), "threads": torch.get_num_threads(),
+            "cache": str(cache_dir()), "default_model": DEFAULT_MODEL,
+            "default_model_status": status, "models": sorted(REGISTRY)}
+
+
+def fetch(args) -> dict:
+    from edgellm.models import ensure_cached, registry_entry
+
+    registry_entry(args.model)  # unknown name: a clear error before anything else
+    t0 = time.perf_counter()
+    folder = ensure_cached(args.model)
+    return {"model": args.model, "cache": str(folder), "seconds": time.perf_counter() - t0}
+
+
+def _eval_kwargs(args) -> dict:
+    return dict(split=args.split, protocol=args.protocol, ctx=args.ctx, stride=args.stride,
+                max_tokens=args.max_tokens, chunks=args.chunks, batch_size=args.eval_batch_size,
+                progress=not args.json, model_name=args.model)
+
+
+def ppl(args) -> dict:
+    from edgellm.measure import peak_rss_bytes
+    from edgellm.metrics import evaluate_ppl
+    from edgellm.models import load_model
+
+    check_model_name(args.model)
+    check_eval_args(args)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, quiet=args.json)
+    load_s = time.perf_counter() - t0
+    rec = evaluate_ppl(model, tok, args.data, **_eval_kwargs(args))
+    rec.update(seconds_load=load_s, peak_rss_bytes=peak_rss_bytes())
+    return rec
+
+
+def kl(args) -> dict:
+    from edgellm.measure import peak_rss_bytes
+    from edgellm.metrics import evaluate_kl
+    from edgellm.models import load_model
+
+    check_model_name(args.model)
+    check_model_name(args.reference)
+    check_eval_args(args)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, quiet=args.json)
+    load_s = time.perf_counter() - t0
+    ref, _ = load_model(args.reference, quiet=args.json)
+    rec = evaluate_kl(model, ref, tok, args.data, reference_name=args.reference,
+                      **_eval_kwargs(args))
+    rec.update(seconds_load=load_s, peak_rss_bytes=peak_rss_bytes())
+    return rec

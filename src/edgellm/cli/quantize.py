@@ -1,0 +1,136 @@
+"""``edgellm quantize``: quantize the default model's linears, measure size, perplexity and KL.
+
+::
+
+    edgellm quantize --method rtn --bits 4 --group-size 64 --eval --max-tokens 4096 --json
+    edgellm quantize --method gguf --type Q4_0 --eval --json
+    edgellm quantize --method gptq --bits 3 --calib pydoc --n-samples 128 --seq-len 512 --eval
+    edgellm quantize --method rtn --bits 8 --group-size 0 --sym --a-bits 8 --eval   # naive W8A8
+    edgellm quantize --method smoothquant --alpha 0.5 --bits 8 --group-size 0 --sym --a-bits 8
+    edgellm quantize --method llm_int8 --threshold 6.0 --eval
+
+Activations: ``--a-bits N`` fake-quantizes every decoder linear's input (dynamic per-token scales;
+``--a-static`` = one per-tensor scale per layer measured on the calibration set), ``--a-format
+fp8`` uses E4M3 instead of integers.  ``smoothquant`` migrates activation outliers into the
+weights first (``--alpha``); ``llm_int8`` is LLM.int8()'s vector-wise int8 matmul with fp16
+outlier columns (``--threshold``; 0 or inf = plain absmax int8); ``rotate`` applies a Hadamard
+rotation before RTN; ``lwc`` learns weight clipping; ``--kv-bits`` quantizes the KV cache.
+
+``--group-size 0`` (or ``channel``) quantizes per output channel.  With ``--eval`` a second,
+unquantized copy of the model is loaded as the reference: the quantized and the reference model
+score the same tokens, giving ``ppl``, ``ppl_base``, the paired ``delta_nll`` with its standard
+error, ``kl_mean`` (KL(P_base ‖ P_quant) per token), and ``lossless`` (every quantized weight
+equals the original: true for asymmetric 4-bit g32, this model's source format).  ``--out DIR`` saves the packed model
+(:mod:`edgellm.quant.save`).  The tied embedding / lm_head is never quantized (reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from edgellm.cli.common import (
+    add_calib_args,
+    add_eval_args,
+    add_model_arg,
+    add_seed_arg,
+    check_eval_args,
+    check_model_name,
+    parse_group_size,
+    parse_threshold,
+)
+from edgellm.quant.apply import A_FORMATS, METHODS
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("quantize", help="weight-only post-training quantization of a model",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arg(p)
+    p.add_argument("--method", default="rtn", choices=METHODS)
+    p.add_argument("--bits", type=int, default=4, help="weight bits (2-8); ignored with gguf")
+    p.add_argument("--group-size", type=parse_group_size, default=64,
+                   help="weights per scale along the input dim; 0 or 'channel' = per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric (no zero point); default asym")
+    p.add_argument("--type", default="Q4_0", help="GGUF type with --method gguf "
+                   "(F16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, MXFP4)")
+    p.add_argument("--bpw-budget", type=float, help="mixed precision: average bits per weight "
+                   "(more bits to the most sensitive layers)")
+    p.add_argument("--a-bits", type=int, help="activation bits (2-8, or 16); default: "
+                   "weight-only (activations stay fp32)")
+    p.add_argument("--a-format", default="int", choices=A_FORMATS,
+                   help="activation format: int, or fp8 (E4M3, needs --a-bits 8)")
+    p.add_argument("--a-static", action="store_true", help="static per-tensor activation "
+                   "scales from the calibration set (default: dynamic per-token)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="SmoothQuant migration strength in [0, 1]")
+    p.add_argument("--threshold", type=parse_threshold, default=6.0, help="LLM.int8 outlier "
+                   "threshold; 0 or inf = absmax int8 without decomposition")
+    p.add_argument("--kv-bits", type=int, help="KV-cache bits (default: not quantized)")
+    p.add_argument("--save-clips", help="with --method lwc: write the learned clipping values to "
+                   "this .safetensors file (lessons apply them without training)")
+    add_calib_args(p)
+    add_seed_arg(p)
+    p.add_argument("--out", help="save the quantized model (packed codes + scales) to this folder")
+    p.add_argument("--eval", action="store_true",
+                   help="measure perplexity and KL against the unquantized model")
+    add_eval_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    import os
+
+    from edgellm.data import load_text
+    from edgellm.measure import peak_rss_bytes
+    from edgellm.metrics import evaluate_paired
+    from edgellm.models import load_model
+    from edgellm.quant.apply import check_options, max_weight_change, quantize_model
+    from edgellm.quant.size import model_size
+    from edgellm.records import record
+
+    opts = dict(a_bits=args.a_bits, a_format=args.a_format, a_static=args.a_static,
+                alpha=args.alpha, kv_bits=args.kv_bits, threshold=args.threshold)
+    # every bad name or value fails here, before the model is loaded
+    check_options(args.method, bpw_budget=args.bpw_budget, qtype=args.type, **opts)
+    check_model_name(args.model)
+    check_eval_args(args)
+    load_text(args.calib, "train")
+    if args.save_clips and args.method != "lwc":
+        from edgellm.quant.qtensor import QuantError
+
+        raise QuantError("--save-clips only applies to --method lwc (the learned clipping values)")
+    model, tok = load_model(args.model, quiet=args.json)
+    qts, info = quantize_model(
+        model, tok, method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+        qtype=args.type, bpw_budget=args.bpw_budget, calib=args.calib, n_samples=args.n_samples,
+        seq_len=args.seq_len, seed=args.seed, progress=not args.json, **opts)
+    clips = info.pop("clips", None)
+    if args.save_clips:
+        from edgellm.quant.lwc import save_clips
+
+        save_clips(clips, args.save_clips, metadata={"bits": args.bits, "seed": args.seed,
+                                                     "group_size": args.group_size,
+                                                     "command": "edgellm quantize --method lwc"})
+        info["clips_file"] = str(args.save_clips)
+    rec = {**info, **model_size(model, qts)}
+    rec.update(memory_bytes=rec["size_bytes"], ppl=None, ppl_base=None, kl_mean=None,
+               tokens_per_s=None)
+    if args.out:
+        from edgellm.quant.save import WEIGHTS, save_quantized
+
+        folder = save_quantized(model, qts, args.out, tok, meta={"method": args.method, **info})
+        rec.update(out=str(args.out), file_bytes=os.path.getsize(folder / WEIGHTS))
+    if args.eval:
+        reference, _ = load_model(args.model, quiet=True)
+        change = max_weight_change(model, reference)
+        rec.update(max_abs_weight_change=change, lossless=change == 0.0)
+        rec.update(evaluate_paired(
+            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
+            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
+            batch_size=args.eval_batch_size, progress=not args.json))
+        if args.method == "llm_int8":
+            from edgellm.quant.llm_int8 import llm_int8_report
+
+            rec.update(llm_int8_report(model))
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=args.seed, model=args.model)

@@ -1,0 +1,1 @@
+"""Low-rank factorization (lesson 08): SVD, ASVD, SVD-LLM whitening, LoRC."""

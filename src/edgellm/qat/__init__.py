@@ -1,0 +1,1 @@
+"""Quantization-aware training (lesson 13): fake quantization with STE, LSQ, BitNet b1.58."""

@@ -1,0 +1,236 @@
+"""``quantize_model``: the library entry point of weight / activation / KV-cache quantization.
+
+One call quantizes a model in place by method name (``rtn``, ``gptq``, ``awq``, ``imatrix``,
+``gguf``, ``smoothquant``, ``llm_int8``, ``rotate``, ``lwc``), optionally with mixed precision
+(``bpw_budget``), activation quantization (``a_bits``) and a quantized KV cache (``kv_bits``).
+``edgellm quantize`` (:mod:`edgellm.cli.quantize`) parses flags and calls it; notebooks call it
+directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+
+METHODS = ("rtn", "gptq", "awq", "imatrix", "gguf", "smoothquant", "llm_int8", "rotate", "lwc")
+CALIBRATED = {"gptq": "apply_gptq", "awq": "apply_awq", "imatrix": "apply_imatrix",
+              "lwc": "apply_lwc"}
+A_FORMATS = ("int", "fp8")
+
+
+def _import_method(module: str, func: str):
+    try:
+        mod = importlib.import_module(f"edgellm.quant.{module}")
+    except ModuleNotFoundError as e:
+        from edgellm.quant.qtensor import QuantError
+
+        raise QuantError(f"method {module!r} is not available in this installation "
+                         f"(edgellm.quant.{module} is missing: {e})") from None
+    return getattr(mod, func)
+
+
+def _jsonable(d: dict) -> dict:
+    """The JSON-friendly part of a method's info dict (numbers, strings, lists; no tensors)."""
+    ok = (int, float, str, bool, type(None))
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, ok):
+            out[str(k)] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, ok) for x in v):
+            out[str(k)] = list(v)
+        elif isinstance(v, dict):
+            sub = _jsonable(v)
+            if sub:
+                out[str(k)] = sub
+    return out
+
+
+def _call(fn, model, calib, **kwargs):
+    """Call an apply_* function with the keyword arguments it accepts."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(model, calib, **kwargs) if calib is not None else fn(model, **kwargs)
+
+
+def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: str = "int",
+                  a_static: bool = False, alpha: float = 0.5, kv_bits: int | None = None,
+                  threshold: float | None = 6.0, bpw_budget: float | None = None,
+                  qtype: str = "Q4_0") -> None:
+    """Reject bad combinations before any work (raises :class:`QuantError`)."""
+    from edgellm.quant.qtensor import QuantError
+
+    if method not in METHODS:
+        raise QuantError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "gguf":
+        from edgellm.quant.gguf_formats import GGUF_TYPES
+
+        if qtype.upper() not in GGUF_TYPES:
+            raise QuantError(f"unknown GGUF type {qtype!r} for --method gguf; use one of "
+                             f"{', '.join(GGUF_TYPES)}")
+    if a_bits is not None:
+        from edgellm.quant.actquant import check_act
+
+        check_act(a_bits, a_format)
+        if method == "llm_int8":
+            raise QuantError("llm_int8 quantizes its activations itself (int8 per token with "
+                             "fp16 outlier columns); drop --a-bits / --a-format")
+        if method == "gguf":
+            raise QuantError("--a-bits is not available with --method gguf (llama.cpp formats "
+                             "are weight-only here); use --method rtn")
+    elif a_format != "int" or a_static:
+        raise QuantError("--a-format / --a-static describe activation quantization; give "
+                         "--a-bits too (e.g. --a-bits 8)")
+    if method == "smoothquant":
+        from edgellm.quant.smoothquant import check_alpha
+
+        check_alpha(alpha)
+    if method == "llm_int8":
+        from edgellm.quant.llm_int8 import check_threshold
+
+        check_threshold(threshold)
+        if bpw_budget is not None:
+            raise QuantError("llm_int8 stores every weight in int8; --bpw-budget does not apply")
+    if kv_bits is not None and not (kv_bits == 16 or 2 <= kv_bits <= 8):
+        raise QuantError(f"kv_bits={kv_bits} is not supported; the KV cache takes 2–8 bits "
+                         "(or 16 = fp16)")
+
+
+def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
+                   group_size: int | None = 64, sym: bool = False, qtype: str = "Q4_0",
+                   bpw_budget: float | None = None, calib: str = "pydoc", n_samples: int = 128,
+                   seq_len: int = 512, seed: int = 0, progress: bool = False,
+                   a_bits: int | None = None, a_format: str = "int", a_static: bool = False,
+                   alpha: float = 0.5, kv_bits: int | None = None,
+                   threshold: float | None = 6.0):
+    """Quantize ``model`` in place by method name; return ``(qtensors, info)``.
+
+    The library entry point behind ``edgellm quantize`` (notebooks call it too).  Order:
+    rotation / smoothing (function-preserving transforms), weight quantization, then the
+    activation (``a_bits``) and KV-cache (``kv_bits``) quantizers wrap the layers.
+    """
+    import torch
+
+    from edgellm.quant.rtn import check_bits
+
+    check_options(method, a_bits=a_bits, a_format=a_format, a_static=a_static, alpha=alpha,
+                  kv_bits=kv_bits, threshold=threshold, bpw_budget=bpw_budget)
+    info = {"method": method, "bits": bits, "group_size": group_size, "sym": sym,
+            "a_bits": a_bits, "a_format": a_format if a_bits is not None else None,
+            "a_static": a_static if a_bits is not None else None,
+            "alpha": alpha if method == "smoothquant" else None, "kv_bits": kv_bits}
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    ids = None
+
+    def calibration():
+        nonlocal ids
+        if ids is None:
+            from edgellm.data import get_calibration
+
+            ids = get_calibration(calib, n_samples, seq_len, seed, tokenizer=tok)
+            info.update(calib=calib, n_samples=n_samples, seq_len=seq_len)
+        return ids
+
+    if method == "gguf":
+        from edgellm.quant.gguf_formats import TYPE_BITS, apply_gguf
+
+        qtype = qtype.upper()
+        qts = apply_gguf(model, qtype, progress=progress)
+        info.update(type=qtype, bits=TYPE_BITS.get(qtype), sym=None,
+                    group_size=None if qtype == "F16" else 32)
+    elif method == "llm_int8":
+        from edgellm.quant.llm_int8 import apply_llm_int8, check_threshold
+
+        threshold = check_threshold(threshold)
+        qts = apply_llm_int8(model, threshold)
+        info.update(bits=8, group_size=None, sym=True, a_bits=8, a_format="int",
+                    threshold=threshold)
+    else:
+        check_bits(bits)
+        if method in CALIBRATED or bpw_budget is not None or method == "smoothquant":
+            calibration()
+        if method == "rotate":
+            fn = _import_method("rotate", "apply_rotation")
+            rot = fn(model, kind="hadamard", seed=seed)
+            info["rotation"] = "hadamard"
+            if isinstance(rot, dict):
+                info["method_info"] = _jsonable(rot)
+        if method == "smoothquant":
+            from edgellm.quant.smoothquant import apply_smoothquant
+
+            sq = apply_smoothquant(model, ids, alpha, progress=progress)
+            info["act_absmax_before"] = sq["act_absmax_before"]
+            info["act_absmax_after"] = sq["act_absmax_after"]
+        common = dict(bits=bits, group_size=group_size, sym=sym, progress=progress)
+        extra: dict = {}  # what a method reports about itself (mixed: the bits per layer)
+        if bpw_budget is not None:
+            fn = _import_method("mixed", "apply_mixed")
+            qts = _call(fn, model, ids, bpw_budget=bpw_budget, method=method, info=extra,
+                        **common)
+            info["bpw_budget"] = bpw_budget
+        elif method in ("rtn", "smoothquant", "rotate"):
+            from edgellm.quant.rtn import apply_rtn
+
+            qts = apply_rtn(model, **common)
+        else:
+            qts = _call(_import_method(method, CALIBRATED[method]), model, ids, info=extra,
+                        seed=seed, **common)
+        if extra:
+            info["method_info"] = _jsonable(extra)
+        if "clips" in extra:  # LWC's learned values (tensors): run() saves them with --save-clips
+            info["clips"] = extra["clips"]
+        if a_bits is not None:
+            from edgellm.quant.actquant import apply_act_quant
+
+            aq = apply_act_quant(model, a_bits=a_bits, a_format=a_format,
+                                 static=a_static, calib=calibration() if a_static else None)
+            info["granularity"] = aq["granularity"]
+    if kv_bits is not None:
+        fn = _import_method("kv", "apply_kv_quant")
+        kv = fn(model, bits=kv_bits)
+        if isinstance(kv, dict):
+            info["kv_info"] = _jsonable(kv)
+    info["seconds_quantize"] = time.perf_counter() - t0
+    info["n_layers"] = len(qts)
+    return qts, info
+
+
+def max_weight_change(model, reference) -> float:
+    """Largest |W_quantized - W_reference| over the decoder linears (0.0: nothing changed)."""
+    from edgellm.models import linear_layers
+
+    ref = linear_layers(reference)
+    return max((lin.weight - ref[name].weight).abs().max().item()
+               for name, lin in linear_layers(model).items())
+
+
+def quantize_production(model, *, library: str = "bnb", mode: str = "nf4",
+                        double_quant: bool = False, blocksize: int = 64, threshold: float = 6.0,
+                        cpu_kernel: bool = True) -> dict:
+    """Quantize ``model`` in place with ``library`` in ``{"bnb", "edgellm", "torchao"}``;
+    return what was done (``mode``, ``library``, …, ``seconds_quantize``)."""
+    from edgellm.quant.backends.bitsandbytes import apply_bnb
+    from edgellm.quant.backends.torchao import apply_torchao
+    from edgellm.quant.blockwise import apply_blockwise, our_bpw
+
+    t0 = time.perf_counter()
+    info = {"library": library, "mode": mode}
+    if library == "torchao":
+        apply_torchao(model, mode)
+        info["double_quant"] = False
+    elif library == "bnb":
+        apply_bnb(model, mode, double_quant, blocksize, threshold=threshold,
+                    cpu_kernel=cpu_kernel)
+        info.update(double_quant=double_quant, cpu_kernel=cpu_kernel)
+        if mode == "int8":
+            info["threshold"] = threshold
+        else:
+            info["blocksize"] = blocksize
+    else:
+        apply_blockwise(model, mode, blocksize, double_quant)
+        info.update(double_quant=double_quant, blocksize=None if mode == "int8" else blocksize,
+                    bpw=our_bpw(mode, blocksize, double_quant))
+    info["seconds_quantize"] = time.perf_counter() - t0
+    return info
