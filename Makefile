@@ -1,4 +1,5 @@
 # The course in two commands:  make course  (execute every lesson)   make test  (the test suite)
+# Without npm: make course COURSE_ARGS=--no-web-assets (pages without MathJax and live widgets)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= build/course
@@ -6,11 +7,18 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: setup course test test-fast lab results bench exercises lint lock clean
 
+# what the system must provide is checked first, in a second (scripts/check_prereqs.sh);
+# target-specific, so `make course` checks npm and `make test` says what will be skipped
+PREREQS = setup
+course: PREREQS = course
+test: PREREQS = test
+
 setup:
+	@VENV=$(VENV) bash scripts/check_prereqs.sh $(PREREQS) $(COURSE_ARGS)
 	@VENV=$(VENV) bash scripts/setup.sh
 
 course: setup  ## execute every notebook in full mode into $(OUT), with a results summary
-	$(VENV)/bin/edgellm course run --out $(OUT)
+	$(VENV)/bin/edgellm course run --out $(OUT) $(COURSE_ARGS)
 
 test: setup  ## the whole suite: unit, integration on the default model, every notebook in FAST mode
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

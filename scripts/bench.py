@@ -2,7 +2,8 @@
 
 Also regenerates tests/fixtures/llamacpp_perplexity.json: llama.cpp's own llama-perplexity on an
 f32 GGUF converted from the cached default model, which a test compares with our `llamacpp`
-protocol on every run.
+protocol on every run, and tests/fixtures/llamacpp_perplexity_tokens.json: the token ids it
+evaluated, so that the test does not depend on the local Python's pydoc text.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from edgellm.records import versions, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "llamacpp_perplexity.json"
+EVAL_TOKENS = FIXTURE.with_name("llamacpp_perplexity_tokens.json")
 CTX, CHUNKS = 512, 16
 
 
@@ -69,12 +71,15 @@ def llamacpp_comparison(model, tok) -> dict:
     ids_ours = get_tokens("pydoc", tok, "test").tolist()
     ours = perplexity(model, torch.tensor(ids_ours), "llamacpp", CTX, chunks=CHUNKS,
                       progress=False)
+    n_eval = CTX * min(CHUNKS, len(ids_llama) // CTX)  # llama-perplexity reads only these
     fixture = {
         "description": "llama.cpp llama-perplexity on an f32 GGUF converted (convert_hf_to_gguf.py) "
                        "from the cached smollm2-135m, on the pydoc test split",
         "data": "pydoc", "split": "test", "data_sha256": sha256_text(text),
         "n_text_tokens": len(ids_llama),
         "token_ids_sha256": hashlib.sha256(json.dumps(ids_llama).encode()).hexdigest(),
+        "eval_tokens_file": EVAL_TOKENS.name, "n_eval_tokens": n_eval,
+        "eval_token_ids_sha256": write_eval_tokens(ids_llama[:n_eval], EVAL_TOKENS),
         "ctx": CTX, "chunks": CHUNKS,
         "command": f"llama-perplexity -m smollm2-135m-f32.gguf -f pydoc-test.txt -c {CTX} "
                    f"-b {CTX} --chunks {CHUNKS}",
@@ -84,14 +89,22 @@ def llamacpp_comparison(model, tok) -> dict:
     return {"theirs": theirs, "ours": ours, "same_tokens": ids_llama == ids_ours}
 
 
+def write_eval_tokens(ids: list[int], path: Path) -> str:
+    """Write token ids as compact JSON (``{"ids": [...]}``, 32 a line); return the sha256 of
+    ``json.dumps(ids)``, which the test checks before using them."""
+    rows = [",".join(map(str, ids[i:i + 32])) for i in range(0, len(ids), 32)]
+    write_text('{"ids": [\n' + ",\n".join(rows) + "\n]}\n", path)
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
 def throughput(model, tok, n_windows: int = 8) -> dict:
     tokens = get_tokens("pydoc", tok, "test")
     bare_s, n = bare_forward_seconds(model, tokens, CTX, n_windows)
     res = perplexity(model, tokens, "gptq", CTX, chunks=n_windows, progress=False)
     bare_s2, _ = bare_forward_seconds(model, tokens, CTX, n_windows)  # bracket the harness run
     bare = n / min(bare_s, bare_s2)
-    return {"bare_tokens_per_s": bare, "harness_tokens_per_s": res["tokens_per_s"],
-            "ratio": res["tokens_per_s"] / bare, "n_tokens": n}
+    return {"bare_tokens_per_s": bare, "harness_tokens_per_s": res["eval_tokens_per_s"],
+            "ratio": res["eval_tokens_per_s"] / bare, "n_tokens": n}
 
 
 def load_times() -> dict:
@@ -158,11 +171,13 @@ def quantizer_benchmark(model=None, tok=None, *, n_samples: int = 128, seq_len: 
         if method == "gptq":
             from edgellm.quant.gptq import apply_gptq
 
-            apply_gptq(m, calib, bits, group_size, batch_size=batch_size, progress=False)
+            apply_gptq(m, calib, bits=bits, group_size=group_size, batch_size=batch_size,
+                       progress=False)
         elif method == "awq":
             from edgellm.quant.awq import apply_awq
 
-            apply_awq(m, calib, bits, group_size, batch_size=batch_size, progress=False)
+            apply_awq(m, calib, bits=bits, group_size=group_size, batch_size=batch_size,
+                      progress=False)
         else:
             raise ValueError(f"unknown method {method!r} for the benchmark; use gptq or awq")
         s = time.perf_counter() - t0

@@ -18,7 +18,7 @@ if [ -z "$py" ]; then
   exit 1
 fi
 
-want=$(cat requirements.lock pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat requirements.lock pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.edgellm-setup"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import edgellm' 2>/dev/null; then
   exit 0

@@ -47,17 +47,21 @@ def _chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def browser_env():
-    from conftest import _fail_or_skip
+    from conftest import skip_missing_system_part
 
-    missing = []
+    missing, parts = [], []
     if _chromium() is None:
         missing.append("chromium")
+        parts.append("Chromium")
     if shutil.which("node") is None:
         missing.append("node")
+        parts.append("npm")
     if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
         missing.append("tests/browser/node_modules (npm ci)")
+        parts.append("the npm web assets")
     if missing:
-        _fail_or_skip(f"browser test needs {', '.join(missing)}: run scripts/ci_system_deps.sh")
+        skip_missing_system_part(f"browser test needs {', '.join(missing)}: run "
+                                 "scripts/ci_system_deps.sh", *parts)
     SHOTS.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "CHROMIUM": _chromium()}
 

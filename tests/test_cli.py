@@ -29,8 +29,10 @@ def test_ppl_json_has_the_public_keys():
     rec = json.loads(run("ppl", "--model", "smollm2-135m", "--data", "pydoc", "--protocol",
                          "llamacpp", "--ctx", "128", "--chunks", "2", "--json").stdout)
     for key in ("ppl", "nll", "n_tokens", "protocol", "ctx", "seconds", "model", "data",
-                "ppl_stderr", "bits_per_byte", "tokens_per_s", "versions", "seed", "command"):
+                "ppl_stderr", "bits_per_byte", "eval_tokens_per_s", "versions", "seed", "command"):
         assert key in rec, key
+    assert "tokens_per_s" not in rec and rec["speed_protocol"]["eval_tokens_per_s"]["name"] == \
+        "eval-wall"
     assert rec["n_tokens"] == 2 * (128 - 1 - 64) and rec["protocol"] == "llamacpp"
     assert 2 < rec["ppl"] < 100
     assert rec["command"].startswith("edgellm ppl --model smollm2-135m")
@@ -47,8 +49,11 @@ def test_kl_of_the_model_against_itself():
 @pytest.mark.parametrize("args,message", [
     (["ppl", "--model", "nonesuch"], "unknown model name 'nonesuch'; registered names: smollm2-135m"),
     (["ppl", "--data", "nonesuch"], "unknown corpus 'nonesuch'; registered corpora: pydoc, stdlib, wikitext2"),
-    (["ppl", "--ctx", "100000"], "ctx=100000 exceeds the model's maximum of 8192 positions"),
-    (["ppl", "--max-tokens", "100", "--ctx", "512"], "the text has 100 tokens; protocol 'gptq' with ctx=512 needs at least 512"),
+    pytest.param(["ppl", "--ctx", "100000"], "ctx=100000 exceeds the model's maximum of 8192 positions",
+                 marks=pytest.mark.integration),  # reads the default model's config
+    pytest.param(["ppl", "--max-tokens", "100", "--ctx", "512"],
+                 "the text has 100 tokens; protocol 'gptq' with ctx=512 needs at least 512",
+                 marks=pytest.mark.integration),  # tokenizes with the default model's tokenizer
     (["ppl", "--model", "HuggingFaceTB/SmolLM2-360M"], "offline default 'smollm2-135m'"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, message):
@@ -57,6 +62,7 @@ def test_bad_input_exits_2_with_a_clear_message(args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_text_too_short_says_how_many_tokens(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")

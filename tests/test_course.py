@@ -13,8 +13,10 @@ import nbformat
 import pytest
 import torch
 
-from edgellm.course import labs as ex
-from edgellm.course.labs import LabFormatError, check
+from edgellm.course import exercises as ex
+from edgellm.course import labs
+from edgellm.course.exercises import LabFormatError
+from edgellm.course.labs import check
 from edgellm.course.run import course_notebooks
 from edgellm.paths import root
 
@@ -72,10 +74,10 @@ def test_check_compares_each_key_of_a_dict(capsys):
 def test_perturbation_makes_an_exact_answer_fail(monkeypatch):
     want = {"w": torch.tensor([0.0, 1.5, -2.0]), "count": 7, "zeros": torch.zeros(3)}
     check("exact", want, want)                                    # passes unperturbed
-    monkeypatch.setenv(ex.PERTURB_ENV, "1.01")
+    monkeypatch.setenv(labs.PERTURB_ENV, "1.01")
     for key in want:                          # every value type moves; FAIL is printed, not raised
         assert not check(key, want[key], want[key], atol=1e-3, rtol=1e-3)["passed"]
-    monkeypatch.setenv(ex.PERTURB_ENV, "abc")
+    monkeypatch.setenv(labs.PERTURB_ENV, "abc")
     with pytest.raises(ex.EdgeLLMError, match="not a number"):
         check("x", 1.0, 1.0)
 
@@ -169,13 +171,13 @@ def test_fixture_lab_solutions_pass_exercises_stop_and_perturbed_checks_fail(tmp
     """The whole cycle on a small lab: 3 short executions."""
     sol = notebook_run(FIXTURE_LAB)
     assert sol.errors == []
-    assert [r["status"] for r in ex.check_results(sol.nb)] == ["PASS"] * 3
+    assert [r["status"] for r in labs.check_results(sol.nb)] == ["PASS"] * 3
     ex.generate(FIXTURE_LAB.parent, tmp_path, quiet=True)
     stub = notebook_run(tmp_path / FIXTURE_LAB.name, "stop")
     assert stub.stopped and [e["ename"] for e in stub.errors] == ["NotImplementedError"]
     assert stub.errors[0]["evalue"].startswith("square, average")
     bad = notebook_run(FIXTURE_LAB, "perturbed")
-    rows = ex.check_results(bad.nb)
+    rows = labs.check_results(bad.nb)
     assert bad.errors == []                   # a perturbed FAIL prints and goes on to the next check
     assert [(r["status"], r["failed"], r["passed"]) for r in rows] == [("FAIL", 1, 0), ("FAIL", 2, 0),
                                                                         ("FAIL", 1, 0)], rows
@@ -216,7 +218,7 @@ def test_check_calls_are_found_by_syntax_not_by_text():
 @pytest.mark.parametrize("path", SOLUTIONS, ids=_ids(SOLUTIONS))
 def test_solution_passes_all_its_checks(path, notebook_run):
     run = notebook_run(path)
-    rows = ex.check_results(run.nb)
+    rows = labs.check_results(run.nb)
     assert run.errors == [], f"{path.name}: {run.errors}"
     assert rows and all(r["status"] == "PASS" for r in rows), rows
 
@@ -245,7 +247,7 @@ def test_every_check_fails_on_a_perturbed_answer(path, notebook_run):
     In that mode check() prints FAIL without raising, so every check() call of every cell runs.
     """
     run = notebook_run(path, "perturbed")
-    rows = ex.check_results(run.nb)
+    rows = labs.check_results(run.nb)
     assert run.errors == [], f"{path.name}: errors in the perturbed run: {run.errors}"
     lax = [r for r in rows if r["status"] != "FAIL" or r["passed"]]
     assert rows and not lax, (f"{path.name}: these check cells passed an answer off by 1% "
@@ -326,7 +328,7 @@ def test_output_widget_text_stays_in_the_cell_outputs(notebook_run):
 
 
 def test_results_page_has_each_sweep_table_and_plot(tmp_path):
-    from edgellm.course.render import render_results
+    from edgellm.course.results_page import render_results
 
     sweep = {"name": "bits_sweep", "description": "ppl against bits",
              "commands": [f"edgellm ppl --bits {b}" for b in (3, 4, 8)],
@@ -348,11 +350,13 @@ def _script_and_css_urls(page: str) -> list[str]:
 
 
 def test_course_renders_offline_pages_for_executed_notebooks(tmp_path, notebook_run):
-    from edgellm.course.render import assets_available, render_course
+    from edgellm.course.build import render_course
+    from edgellm.course.render import assets_available
 
     if not assets_available():
-        from conftest import _fail_or_skip
-        _fail_or_skip("the offline web assets are not installed: run scripts/ci_system_deps.sh")
+        from conftest import skip_missing_system_part
+        skip_missing_system_part("the offline web assets are not installed: run "
+                                 "scripts/ci_system_deps.sh", "the npm web assets")
     runs = []
     for folder, path in (("notebooks", FIXTURE_LESSON), ("solutions", FIXTURE_LAB)):
         run = notebook_run(path)
@@ -376,6 +380,7 @@ def test_course_renders_offline_pages_for_executed_notebooks(tmp_path, notebook_
         assert (tmp_path / asset).is_file(), asset
 
 
+@pytest.mark.notebook
 def test_course_main_executes_and_renders(tmp_path, monkeypatch):
     """`edgellm course run --out DIR --fast` (here on the small fixture lesson only)."""
     from edgellm.cli import main
@@ -383,8 +388,9 @@ def test_course_main_executes_and_renders(tmp_path, monkeypatch):
     from edgellm.course.render import assets_available
 
     if not assets_available():
-        from conftest import _fail_or_skip
-        _fail_or_skip("the offline web assets are not installed: run scripts/ci_system_deps.sh")
+        from conftest import skip_missing_system_part
+        skip_missing_system_part("the offline web assets are not installed: run "
+                                 "scripts/ci_system_deps.sh", "the npm web assets")
     monkeypatch.setattr(course_run, "course_notebooks", lambda *a: [FIXTURE_LESSON, FIXTURE_LAB])
     code = main(["course", "run", "--out", str(tmp_path), "--fast", "--only", "00_fixture"])
     assert code == 0

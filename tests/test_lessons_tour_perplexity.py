@@ -113,7 +113,7 @@ def test_window_ppl_matches_perplexity(tiny):
 
 
 def test_widgets_build():
-    pytest.importorskip("ipywidgets")
+    import ipywidgets  # noqa: F401
     import matplotlib
 
     matplotlib.use("Agg")

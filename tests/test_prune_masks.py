@@ -186,18 +186,3 @@ def test_sparse_storage_accounting_on_a_tiny_model():
     # fp32 values: half the weights kept, each 32 + 2 bits
     assert s["size_bytes_sparse"] == pytest.approx(dense - lin_bytes + lin_bytes / 4 / 2 * 34 / 8,
                                                    abs=1)
-
-
-def test_paired_tokens_per_s_times_both_models_alternately():
-    from edgellm import tiny_llama
-    from edgellm.measure import paired_tokens_per_s
-
-    calls = []
-    a, b = tiny_llama(), tiny_llama()
-    a.register_forward_hook(lambda *_: calls.append("a"))
-    b.register_forward_hook(lambda *_: calls.append("b"))
-    ta, tb = paired_tokens_per_s(a, b, torch.arange(64) % 50 + 3, seq_len=32, repeats=3)
-    assert ta > 0 and tb > 0
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then alternating
-    with pytest.raises(PruneError, match="too few"):
-        paired_tokens_per_s(a, b, torch.arange(10), seq_len=32)

@@ -10,9 +10,10 @@ from edgellm.calib import LayerStream, collect_inputs, layer_linears
 from edgellm.prune import apply_structured, input_norms, magnitude_prune, sparsegpt_prune
 from edgellm.prune.masks import PruneError, sparsity_of
 
-pytestmark = pytest.mark.integration
+# tiny-model tests here run in the fast tier; those on the default model are marked
 
 
+@pytest.mark.integration
 def test_sparsegpt_reconstruction_beats_magnitude_on_real_layers(default_model):
     from edgellm.prune import wanda_prune
 
@@ -42,6 +43,7 @@ def test_sparsegpt_reconstruction_beats_magnitude_on_real_layers(default_model):
         stream.advance(layer)
 
 
+@pytest.mark.integration
 def test_real_model_drop_layers_save_reload_generate(default_model, tmp_path):
     from edgellm import get_calibration, load_model
     from edgellm.models import generate, n_params
@@ -49,7 +51,7 @@ def test_real_model_drop_layers_save_reload_generate(default_model, tmp_path):
     model, tok = default_model
     m = copy.deepcopy(model)
     calib = get_calibration("pydoc", 2, 64, seed=0, tokenizer=tok)
-    info = apply_structured(m, calib, "layers", 0.1)  # 3 of 30 layers
+    info = apply_structured(m, calib, kind="layers", ratio=0.1)  # 3 of 30 layers
     assert info["num_hidden_layers"] == 27 and len(info["dropped"]) == 3
     assert n_params(m) < n_params(model)
     m.save_pretrained(tmp_path)
@@ -75,14 +77,14 @@ def test_recovery_keeps_zeros_and_lowers_loss(tmp_path):
     masks = zero_masks(m)
     tokens = torch.arange(2000) % 17 + 3  # a learnable periodic sequence
     ft = finetune(m, tokens, steps=15, batch_size=2, seq_len=32, lr=3e-3, masks=masks)
-    assert ft["losses"][-1] < ft["losses"][0]
+    assert ft.losses[-1] < ft.losses[0]
     for n, lin in prunable_linears(m).items():
         assert (lin.weight[~masks[n]] == 0).all()  # the pruned weights stayed pruned
         assert (lin.weight != 0).sum() > 0
     m2 = tiny_llama()
-    apply_structured(m2, None, "channels", 0.5)
+    apply_structured(m2, None, kind="channels", ratio=0.5)
     ft2 = finetune(m2, tokens, steps=10, batch_size=2, seq_len=32, lr=3e-3, lora=True)
-    assert ft2["losses"][-1] < ft2["losses"][0]
+    assert ft2.losses[-1] < ft2.losses[0]
     assert not any("lora" in n for n, _ in m2.named_parameters())  # merged and unloaded
     from transformers import AutoModelForCausalLM
 
@@ -110,20 +112,28 @@ def test_cli_prune_bad_input(capsys):
         prune_model(None, method="obs")
 
 
+@pytest.mark.integration
 def test_cli_prune_json_keys(capsys, monkeypatch):
+    from edgellm import measure
     from edgellm.cli import main
-    from edgellm.prune import accounting
 
-    # the paired speed measurement is what tokens_per_s reports, even after --eval
-    monkeypatch.setattr(accounting, "paired_tokens_per_s", lambda *a, **k: (123.0, 100.0))
+    # the paired speed measurement is what prefill_tokens_per_s reports, even after --eval
+    paired = measure.protocol("paired-prefill", batch=1, seq_len=256)
+    monkeypatch.setattr(measure, "paired_prefill", lambda *a, **k: {
+        "prefill_tokens_per_s": 123.0, "prefill_tokens_per_s_base": 100.0, "speedup": 1.2,
+        "speed_protocol": dict.fromkeys(("prefill_tokens_per_s", "prefill_tokens_per_s_base",
+                                         "speedup"), paired)})
     # weights-only channel scores: no calibration pass, so this stays cheap
     assert main(["prune", "--method", "magnitude", "--structured", "channels", "--ratio", "0.1",
                  "--eval", "--ctx", "32", "--max-tokens", "64", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     for key in ("method", "sparsity", "ppl", "ppl_base", "kl_mean", "n_params", "size_bytes",
-                "tokens_per_s"):
+                "prefill_tokens_per_s", "eval_tokens_per_s"):
         assert key in rec
-    assert rec["tokens_per_s"] == 123.0 and rec["tokens_per_s_base"] == 100.0
+    assert rec["prefill_tokens_per_s"] == 123.0 and rec["prefill_tokens_per_s_base"] == 100.0
+    assert rec["speed_protocol"]["speedup"]["name"] == "paired-prefill"
+    assert rec["speed_protocol"]["eval_tokens_per_s"]["name"] == "eval-loop"
+    measure.check_speed_keys(rec)
     assert rec["ppl"] > rec["ppl_base"] > 1
     assert rec["intermediate_size"] == 1376 and rec["structured"] == "channels"
     assert rec["n_params"] < rec["n_params_base"] and rec["size_bytes"] < rec["size_bytes_base"]

@@ -71,7 +71,7 @@ def test_structured_smaller_saves_reloads_generates(kind, kw, tmp_path):
 
     m = _tiny()
     p0, ids = n_params(m), _calib()
-    info = apply_structured(m, ids, kind, **kw)
+    info = apply_structured(m, ids, kind=kind, **kw)
     assert n_params(m) < p0
     m.save_pretrained(tmp_path)
     r = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -124,11 +124,11 @@ def test_structured_bad_input():
     with pytest.raises(PruneError, match="would remove all 4 layers"):
         prune_layers(m, _calib(), 0.9)  # round(0.9 * 4) = 4: every layer
     with pytest.raises(PruneError, match="no MLP channel"):
-        apply_structured(m, None, "channels", 0.9)  # 128 channels, kept in multiples of 32
+        apply_structured(m, None, kind="channels", ratio=0.9)  # 128 channels, kept in multiples of 32
     with pytest.raises(PruneError, match="calibration"):
         prune_layers(m, None, 0.5)
     with pytest.raises(PruneError, match="structured="):
-        apply_structured(m, None, "rows", 0.2)
+        apply_structured(m, None, kind="rows", ratio=0.2)
     assert n_params(m) == n_params(_tiny())  # nothing changed by the failed calls
 
 

@@ -46,19 +46,20 @@ def test_plot_sweep_log_scale_lines_and_nm_markers():
 
 
 def test_structured_rows_before_and_after_recovery():
-    base = {"n_params_base": 100, "ppl_base": 9.5, "tokens_per_s_base": 50.0}
+    base = {"n_params_base": 100, "ppl_base": 9.5, "prefill_tokens_per_s_base": 50.0}
     recs = [{**base, "structured": "layers", "ratio": 0.2, "n_params": 80, "size_bytes": 320,
-             "tokens_per_s": 60.0, "ppl": 21.0, "ppl_before_recovery": 25.0, "recover_steps": 10,
-             "ppl_control": 8.9},
+             "prefill_tokens_per_s": 60.0, "speedup": 1.25, "ppl": 21.0,
+             "ppl_before_recovery": 25.0, "recover_steps": 10, "ppl_control": 8.9},
             {**base, "structured": "channels", "ratio": 0.1, "n_params": 90, "size_bytes": 360,
-             "tokens_per_s": 55.0, "ppl": 12.0},
+             "prefill_tokens_per_s": 55.0, "ppl": 12.0},
             _rec("wanda", 0.5, 19.5)]  # unstructured: not a row
     rows = structured_rows(recs)
     assert [r["removed"] for r in rows] == ["channels 10%", "layers 20%"]
     layers = rows[1]
     assert layers["ppl_pruned"] == 25.0 and layers["ppl_recovered"] == 21.0
     assert layers["ppl_control"] == 8.9 and layers["params_%"] == 80.0
-    assert layers["speedup"] == pytest.approx(1.2)
+    assert layers["speedup"] == 1.25  # the paired protocol's median of per-pair ratios
+    assert rows[0]["speedup"] == pytest.approx(1.1)  # older records: ratio of the two tokens/s
     assert rows[0]["ppl_pruned"] == 12.0 and rows[0]["ppl_recovered"] is None
 
 

@@ -54,7 +54,8 @@ def test_nf4_table_derives_from_normal_quantiles():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 def test_4bit_blockwise_equals_bitsandbytes(quant_type, blocksize):
-    bnb = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as bnb
+
     W = torch.randn(96, 512, generator=torch.Generator().manual_seed(blocksize))
     W[0, :blocksize] = 0  # an all-zero block
     packed, state = bnb.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type)
@@ -68,7 +69,8 @@ def test_4bit_blockwise_equals_bitsandbytes(quant_type, blocksize):
 
 
 def test_bnb_fp4_is_not_plain_e2m1():
-    bnb = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as bnb
+
     table = bnb.get_4bit_type("fp4", device="cpu")
     assert torch.equal(table, F.BNB_FP4_LEVELS)
     e2m1 = F.E2M1_LEVELS / 6
@@ -76,7 +78,8 @@ def test_bnb_fp4_is_not_plain_e2m1():
 
 
 def test_int8_vectorwise_equals_bitsandbytes():
-    bnb = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as bnb
+
     A = (torch.randn(64, 300, generator=torch.Generator().manual_seed(1)) * 3).half()
     codes, stats = F.int8_vectorwise(A)
     ref_codes, ref_stats, _ = bnb.int8_vectorwise_quant(A.clone())

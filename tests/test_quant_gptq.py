@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgellm.calib import (
+    CalibrationError,
     LayerStream,
     collect_inputs,
     layer_linears,
@@ -91,7 +92,7 @@ def test_first_column_is_plain_rtn_and_per_channel_params_are_rtn():
 def test_apply_gptq_on_tiny_model(tiny):
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
     ref = copy.deepcopy(tiny)
-    q = apply_gptq(tiny, ids, bits=4, group_size=32, progress=False, batch_size=3)
+    q = apply_gptq(tiny, ids, bits=4, group_size=32, progress=False, batch_size=3).qtensors
     assert len(q) == 14 and list(q)[0] == "model.layers.0.self_attn.q_proj"
     for name, lin in layer_linears(tiny, 1).items():
         assert torch.equal(lin.weight, q[name].dequantize())
@@ -132,7 +133,7 @@ def test_gptq_beats_rtn_on_every_linear_of_the_real_model(default_model, sym):
 
     # apply_gptq does the same thing (stacked q/k/v and gate/up give the same result)
     m2 = copy.deepcopy(default_model[0])
-    q = apply_gptq(m2, calib, 4, 64, sym, layers=[0], progress=False)
+    q = apply_gptq(m2, calib, bits=4, group_size=64, sym=sym, layers=[0], progress=False).qtensors
     assert set(q) == set(layer_linears(m2, 0))
     for name, lin in layer_linears(m2, 0).items():
         want = dict(model.named_modules())[name].weight
@@ -141,9 +142,9 @@ def test_gptq_beats_rtn_on_every_linear_of_the_real_model(default_model, sym):
 
 def test_bad_input(tiny):
     W, X, H = _toy()
-    with pytest.raises(QuantError, match="empty"):
+    with pytest.raises(CalibrationError, match="empty"):
         apply_gptq(tiny, torch.zeros(0, 16, dtype=torch.long), progress=False)
-    with pytest.raises(QuantError, match="calibration"):
+    with pytest.raises(CalibrationError, match="calibration"):
         apply_gptq(tiny, None, progress=False)
     with pytest.raises(QuantError, match="does not divide in_features=96"):
         gptq_quantize(W, H, 4, group_size=50)
@@ -157,5 +158,5 @@ def test_bad_input(tiny):
         gptq_quantize(W, H[:10, :10])
     with pytest.raises(QuantError, match="group_size=48 does not divide in_features=64"):
         apply_gptq(tiny, torch.ones(1, 8, dtype=torch.long), group_size=48, progress=False)
-    with pytest.raises(QuantError, match="layers"):
+    with pytest.raises(CalibrationError, match="layers"):
         apply_gptq(tiny, torch.ones(1, 8, dtype=torch.long), layers=[5], progress=False)

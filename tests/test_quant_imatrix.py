@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from edgellm.calib import LayerStream, collect_inputs, layer_linears
+from edgellm.calib import CalibrationError, LayerStream, collect_inputs, layer_linears
 from edgellm.quant.imatrix import apply_imatrix, collect_imatrix, quantize_weighted, weighted_error
 from edgellm.quant.qtensor import QuantError
 from edgellm.quant.rtn import fake_quantize
@@ -60,7 +60,7 @@ def test_imatrix_on_real_layers(default_model):
     calib = get_calibration(n_samples=8, seq_len=128, tokenizer=tok)
     stats = collect_inputs(m.model.layers[0], layer_linears(m, 0), LayerStream(m, calib))
     orig = {n: lin.weight.detach().clone() for n, lin in layer_linears(m, 0).items()}
-    q = apply_imatrix(m, calib, 3, 64, layers=[0], progress=False)
+    q = apply_imatrix(m, calib, bits=3, group_size=64, layers=[0], progress=False).qtensors
     assert len(q) == 7
     for name, W in orig.items():
         imp, H = stats[name].mean_sq, stats[name].H
@@ -73,7 +73,7 @@ def test_imatrix_on_real_layers(default_model):
 
 def test_bad_input(tiny):
     W, imp = _toy()
-    with pytest.raises(QuantError, match="empty"):
+    with pytest.raises(CalibrationError, match="empty"):
         apply_imatrix(tiny, torch.zeros(3, 0, dtype=torch.long), progress=False)
     with pytest.raises(QuantError, match="non-negative"):
         quantize_weighted(W, -imp)

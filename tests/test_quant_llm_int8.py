@@ -63,7 +63,8 @@ def test_bad_threshold(bad):
 
 
 def _bnb_linear(lin, threshold):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     m = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                             has_fp16_weights=False, threshold=threshold)
     m.load_state_dict(lin.state_dict())

@@ -39,28 +39,28 @@ def test_ones_is_minmax_rtn():
 @pytest.mark.parametrize("clip_per", ["group", "channel"])
 def test_lwc_beats_minmax_on_toy_layer(sym, clip_per):
     W, X = _toy()
-    info = {}
-    qt, params = learn_clipping(W, X, bits=3, group_size=32, sym=sym, steps=60, lr=0.05,
-                                clip_per=clip_per, info=info)
+    fit = learn_clipping(W, X, bits=3, group_size=32, sym=sym, steps=60, lr=0.05,
+                         clip_per=clip_per)
+    qt, params = fit.qtensor, fit.params
     assert set(params) == ({"gamma"} if sym else {"gamma", "beta"})
     assert params["gamma"].shape == ((16, 2) if clip_per == "group" else (16, 1))
     assert ((params["gamma"] > 0) & (params["gamma"] <= 1)).all()
     err_lwc = _err(W, qt.dequantize(), X)
     err_rtn = _err(W, quantize(W, bits=3, group_size=32, sym=sym).dequantize(), X)
-    assert err_lwc == pytest.approx(info["err_lwc"], rel=1e-3)
-    assert info["err_minmax"] == pytest.approx(err_rtn, rel=1e-3)
+    assert err_lwc == pytest.approx(fit.err_lwc, rel=1e-3)
+    assert fit.err_minmax == pytest.approx(err_rtn, rel=1e-3)
     assert err_lwc < 0.9 * err_rtn  # the outlier column makes clipping pay off
     assert qt.codes.min() >= (-3 if sym else 0) and qt.codes.max() <= (3 if sym else 7)
 
 
 def test_lwc_never_worse_with_zero_steps():
     W, X = _toy(1)
-    info = {}
-    qt, params = learn_clipping(W, X, bits=4, group_size=64, steps=0, info=info)
+    fit = learn_clipping(W, X, bits=4, group_size=64, steps=0)
+    params = fit.params
     # no training: the better of min/max (γ = 1) and the initial point (γ = sigmoid(4))
     start = torch.sigmoid(torch.tensor(4.0)).half().float()
     assert params["gamma"].unique().tolist() in ([1.0], [start.item()])
-    assert info["err_lwc"] <= info["err_minmax"] and info["losses"] == []
+    assert fit.err_lwc <= fit.err_minmax and fit.losses == []
 
 
 def test_bad_inputs():
@@ -81,8 +81,8 @@ def test_apply_lwc_and_cache_round_trip(tmp_path):
 
     calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     model = tiny_llama()
-    info = {}
-    qts = apply_lwc(model, calib, bits=3, group_size=32, steps=10, info=info)
+    res = apply_lwc(model, calib, bits=3, group_size=32, steps=10)
+    qts, info = res.qtensors, {**res.info, "clips": res.clips}
     names = list(linear_layers(model))
     assert list(qts) == names and set(info["errors"]) == set(names)
     assert all(e["err_lwc"] <= e["err_minmax"] for e in info["errors"].values())
@@ -94,7 +94,7 @@ def test_apply_lwc_and_cache_round_trip(tmp_path):
         for k, v in info["clips"][name].items():
             assert torch.equal(clips[name][k], v)  # stored values are fp16 already
     again = tiny_llama()
-    qts2 = apply_lwc(again, bits=3, group_size=32, clips=clips)
+    qts2 = apply_lwc(again, bits=3, group_size=32, clips=clips).qtensors
     for name, lin in linear_layers(again).items():
         assert torch.equal(lin.weight, linear_layers(model)[name].weight)
         assert torch.equal(qts2[name].codes, qts[name].codes)

@@ -4,6 +4,7 @@ would fit), prefers the sensitive layers, and the applied model has that average
 import pytest
 import torch
 
+from edgellm.calib import CalibrationError
 from edgellm.quant.mixed import allocate, apply_mixed, bpw_of, sensitivities
 from edgellm.quant.qtensor import QuantError
 
@@ -28,9 +29,9 @@ def test_allocation_is_greedy_and_within_budget():
 
 def test_apply_mixed_meets_budget(tiny):
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    info = {}
-    q = apply_mixed(tiny, ids, bpw_budget=4.3, candidates=(2, 3, 4, 6, 8), group_size=32,
-                    progress=False, info=info)
+    res = apply_mixed(tiny, ids, bpw_budget=4.3, candidates=(2, 3, 4, 6, 8), group_size=32,
+                      progress=False)
+    q, info = res.qtensors, res.info
     numel = {n: t.numel for n, t in q.items()}
     total = sum(numel.values())
     achieved = sum(t.bpw * numel[n] for n, t in q.items()) / total
@@ -48,9 +49,9 @@ def test_apply_mixed_meets_budget(tiny):
 
 def test_mixed_with_gptq(tiny):
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    info = {}
-    q = apply_mixed(tiny, ids, bpw_budget=4.0, candidates=(3, 4, 8), group_size=32,
-                    method="gptq", progress=False, info=info)
+    res = apply_mixed(tiny, ids, bpw_budget=4.0, candidates=(3, 4, 8), group_size=32,
+                      method="gptq", progress=False)
+    q, info = res.qtensors, res.info
     assert {n: t.bits for n, t in q.items()} == info["allocation"]
     assert info["bpw"] <= 4.0
 
@@ -68,7 +69,7 @@ def test_sensitivities_on_real_layer(default_model):
 
 
 def test_bad_input(tiny):
-    with pytest.raises(QuantError, match="empty"):
+    with pytest.raises(CalibrationError, match="empty"):
         apply_mixed(tiny, torch.zeros(0, 8, dtype=torch.long), progress=False)
     with pytest.raises(QuantError, match="below the smallest"):
         apply_mixed(tiny, torch.ones(1, 8, dtype=torch.long), bpw_budget=1.0, group_size=32,

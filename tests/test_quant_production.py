@@ -13,7 +13,7 @@ from edgellm.lessons.production import (
     production_rows,
     record_key,
 )
-from edgellm.measure import memory_report
+from edgellm.measure import check_speed_keys, memory_report
 from edgellm.models import linear_layers
 from edgellm.quant import formats as F
 from edgellm.quant.backends.bitsandbytes import (
@@ -42,8 +42,6 @@ from edgellm.quant.blockwise import (
     our_bpw,
 )
 from edgellm.quant.qtensor import QuantError
-
-pytest.importorskip("bitsandbytes")
 
 
 def _tiny():
@@ -227,12 +225,14 @@ def test_widget_functions():
              "blocksize": 64, "ppl": 12.0, "ppl_base": 10.0, "delta_nll": 0.18,
              "delta_nll_stderr": 0.01, "kl_mean": 0.2, "top1_agreement": 0.8, "n_tokens": 100,
              "memory_bytes": 170e6, "memory_bytes_runtime": 168e6, "memory_bytes_base": 538e6,
-             "tokens_per_s": 100.0, "tokens_per_s_base": 200.0, "seconds_load": 5.0,
-             "decode_tokens_per_s": 24.0, "decode_tokens_per_s_base": 16.0},
+             "prefill_tokens_per_s": 100.0, "prefill_tokens_per_s_base": 200.0,
+             "seconds_load": 5.0, "decode_tokens_per_s": 24.0, "decode_tokens_per_s_base": 16.0,
+             "speed_protocol": {"prefill_tokens_per_s": {"name": "prefill"},
+                                "decode_tokens_per_s": {"name": "decode"}}},
             {"library": "edgellm", "mode": "int4", "double_quant": False, "blocksize": 64,
              "ppl": 14.0, "ppl_base": 10.0, "delta_nll": 0.3, "delta_nll_stderr": 0.02,
              "kl_mean": 0.3, "top1_agreement": 0.7, "n_tokens": 100, "memory_bytes": 538e6,
-             "size_bytes": 170e6, "memory_bytes_base": 538e6, "tokens_per_s": None}]
+             "size_bytes": 170e6, "memory_bytes_base": 538e6}]
     assert [record_key(r) for r in recs] == ["bnb nf4+dq", "edgellm int4"]
     rows = production_rows(recs)
     assert rows[0]["speed_vs_fp32"] == 0.5 and rows[1]["speed_vs_fp32"] is None
@@ -240,6 +240,7 @@ def test_widget_functions():
     assert "bnb nf4+dq" in format_rows(rows)
     text = describe(recs, "bnb nf4+dq")
     assert "0.50 x fp32" in text and "4.127 bits/weight" in text
+    assert "protocol prefill" in text and "protocol decode" in text
     assert "decode  : 24.0 tokens/s = 1.50 x fp32" in text
     assert "fp32 speed" in describe(recs, "edgellm int4")
     assert "no recorded run" in describe(recs, "bnb fp4")
@@ -288,10 +289,13 @@ def test_cli_bnb_nf4_record(capsys):
     assert code == 0
     rec = json.loads(out.out)
     for key in ("mode", "double_quant", "ppl", "ppl_base", "kl_mean", "top1_agreement",
-                "memory_bytes", "memory_bytes_base", "tokens_per_s", "tokens_per_s_base",
-                "decode_tokens_per_s", "decode_tokens_per_s_base", "seconds_load", "n_tokens",
-                "protocol", "ctx", "model", "data"):
+                "memory_bytes", "memory_bytes_base", "prefill_tokens_per_s",
+                "prefill_tokens_per_s_base", "decode_tokens_per_s", "decode_tokens_per_s_base",
+                "eval_tokens_per_s", "seconds_load", "n_tokens", "protocol", "ctx", "model", "data"):
         assert key in rec, key
+    check_speed_keys(rec)
+    assert rec["speed_protocol"]["prefill_tokens_per_s_base"]["name"] == "prefill"
+    assert rec["speed_protocol"]["decode_tokens_per_s"]["new_tokens"] == 2
     assert rec["decode_tokens_per_s"] > 0 and rec["decode_new_tokens"] == 2
     assert rec["mode"] == "nf4" and rec["double_quant"] is True and rec["ctx"] == 64
     assert 0 < rec["kl_mean"] < 1 and rec["ppl"] > 0 and rec["n_tokens"] == 126

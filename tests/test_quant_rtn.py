@@ -105,7 +105,7 @@ def test_bad_input_errors():
 def test_apply_rtn_tiny_and_modules(tiny):
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     ref = copy.deepcopy(tiny)
-    qts = rtn.apply_rtn(tiny, bits=3, group_size=32)
+    qts = rtn.apply_rtn(tiny, bits=3, group_size=32).qtensors
     assert len(qts) == 2 * 7
     for name, qt in qts.items():
         assert torch.equal(tiny.get_submodule(name).weight, qt.dequantize())
@@ -126,7 +126,7 @@ def test_apply_rtn_bits_per_layer(tiny):
 
     names = list(linear_layers(tiny))
     bits = {n: (8 if i % 2 else 2) for i, n in enumerate(names)}
-    qts = rtn.apply_rtn(tiny, bits=bits, group_size=32)
+    qts = rtn.apply_rtn(tiny, bits=bits, group_size=32).qtensors
     assert {n: q.bits for n, q in qts.items()} == bits
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from edgellm.cli import run_command
+from edgellm.measure import check_speed_keys
 from edgellm.paths import results_dir
 from edgellm.results import sweep_names
 
@@ -26,6 +27,17 @@ def test_sweep_is_well_formed(name):
     for rec in sweep["records"]:
         assert rec["command"].startswith("edgellm ") and "versions" in rec and "seed" in rec
         assert not any(s in json.dumps(rec) for s in ("/work/", "/root/", "/home/", "/tmp/"))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_speed_figures_name_their_protocol(name):
+    """No bare ``tokens_per_s``; every speed key names a protocol of edgellm.measure."""
+    sweep = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+    for rec in sweep["records"]:
+        check_speed_keys(rec)
+        # memory_bytes is held memory, never a copy of the packed size
+        if rec["command"].startswith("edgellm quantize"):
+            assert "memory_bytes" not in rec
 
 
 @pytest.mark.integration

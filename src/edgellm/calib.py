@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edgellm import hessian
 from edgellm.errors import EdgeLLMError
+from edgellm.models import decoder_layers, layer_linears  # noqa: F401  (the topology, re-exported)
 
 
 class CalibrationError(EdgeLLMError, ValueError):
@@ -49,23 +51,6 @@ def check_calibration(calib) -> torch.Tensor:
     if ids.is_floating_point():
         raise CalibrationError("the calibration set must hold integer token ids, not floats")
     return ids.long()
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    """The decoder layers of a Hugging Face Llama-style causal LM (``model.model.layers``)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise CalibrationError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
-                         "layer-wise calibration supports Llama-style Hugging Face models")
-    return layers
-
-
-def layer_linears(model, index: int) -> dict[str, nn.Linear]:
-    """The linear layers of decoder layer ``index`` by their full model name."""
-    prefix = f"model.layers.{index}."
-    layer = decoder_layers(model)[index]
-    return {prefix + n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 class LayerStream:
@@ -147,13 +132,36 @@ class LayerStream:
         self.hidden = self.run(layer)
 
 
+@contextlib.contextmanager
+def capture_inputs(modules: dict[str, nn.Module], fn):
+    """While the context is open, each forward of ``modules[name]`` calls ``fn(name, x)``.
+
+    ``x`` is the module's input: its first positional argument, or the ``hidden_states``
+    keyword (decoder layers and attention blocks are called with keywords).  The hooks are
+    removed on exit, also after an exception.  The one forward-hook input collector of the
+    package: calibration statistics, activation statistics, pruning scores all go through it.
+    """
+    def hook(name):
+        def on_forward(module, args, kwargs, output):
+            fn(name, args[0] if args else kwargs["hidden_states"])
+        return on_forward
+
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class InputStats:
     """What the hooks saw at one linear layer's input over the calibration set.
 
     ``n``      number of input rows (tokens) seen
-    ``xtx``    (in, in) float32 Σ xᵀx over tokens, when requested (GPTQ's H = 2·xtx/n)
-    ``sq``     (in,) float32 Σ x² per input channel (the diagonal of xtx; llama.cpp's imatrix)
+    ``xtx``    (in, in) float32 Σ xᵀx over tokens, when requested (kept as a sum while batches
+               arrive, :func:`edgellm.hessian.accumulate`; read ``H``)
+    ``sq``     (in,) float32 Σ x² per input channel (``n · diag(H) / 2``; llama.cpp's imatrix)
     ``abs``    (in,) float32 Σ |x| per input channel (AWQ's activation magnitude)
     ``X``      (kept, seq_len, in) raw inputs of the first ``keep`` sequences, when requested
     ``key``    linears with the same key saw the very same input tensor (q/k/v, gate/up)
@@ -168,11 +176,13 @@ class InputStats:
 
     @property
     def H(self) -> torch.Tensor:
-        """GPTQ's Hessian of the layer-wise loss, ``H = 2 XᵀX / n`` (in, in) float32."""
-        return 2 * self.xtx / max(self.n, 1)
+        """The Hessian of the layer-wise loss, ``H = 2 XᵀX / n`` (in, in) float32
+        (:mod:`edgellm.hessian`'s convention, shared by every technique)."""
+        return hessian.from_sum(self.xtx, self.n)
 
     @property
     def mean_sq(self) -> torch.Tensor:
+        """``E[x²]`` per input channel (in,), i.e. ``diag(H) / 2``, without forming ``H``."""
         return self.sq / max(self.n, 1)
 
     @property
@@ -194,39 +204,32 @@ def collect_inputs(layer, linears: dict[str, nn.Linear], stream: LayerStream, *,
     # id of this batch's input tensor -> (the tensor, kept alive so its id stays unique; stats)
     by_tensor: dict[int, tuple[torch.Tensor, InputStats]] = {}
     n_done = [0]  # sequences already through the layer, to know which ones to keep
-    order = {id(m): i for i, m in enumerate(linears.values())}
+    order = {n: i for i, n in enumerate(linears)}
 
-    def hook(name):
-        def fn(module, args, output):
-            x = args[0]
-            st = by_tensor.get(id(x), (None, None))[1]
-            if st is None:  # first linear to see this tensor in this batch: reduce it
-                st = stats.get(name)
-                if st is None:
-                    st = InputStats(key=order[id(module)])
-                x2 = x.reshape(-1, x.shape[-1]).float()  # (B·T, in)
-                st.n += x2.shape[0]
-                if xtx:
-                    st.xtx = x2.T @ x2 if st.xtx is None else st.xtx.addmm_(x2.T, x2)
-                st.sq = x2.square().sum(0) if st.sq is None else st.sq.add_(x2.square().sum(0))
-                st.abs = x2.abs().sum(0) if st.abs is None else st.abs.add_(x2.abs().sum(0))
-                take = min(keep - n_done[0], x.shape[0])
-                if take > 0:
-                    st.X = (st.X or []) + [x[:take].detach().float().clone()]
-                by_tensor[id(x)] = (x, st)
-            stats[name] = st
-        return fn
+    def on_input(name, x):
+        st = by_tensor.get(id(x), (None, None))[1]
+        if st is None:  # first linear to see this tensor in this batch: reduce it
+            st = stats.get(name)
+            if st is None:
+                st = InputStats(key=order[name])
+            x2 = x.reshape(-1, x.shape[-1]).float()  # (B·T, in)
+            if xtx:
+                st.xtx, _ = hessian.accumulate(st.xtx, x2)
+            st.n += x2.shape[0]
+            st.sq = x2.square().sum(0) if st.sq is None else st.sq.add_(x2.square().sum(0))
+            st.abs = x2.abs().sum(0) if st.abs is None else st.abs.add_(x2.abs().sum(0))
+            take = min(keep - n_done[0], x.shape[0])
+            if take > 0:
+                st.X = (st.X or []) + [x[:take].detach().float().clone()]
+            by_tensor[id(x)] = (x, st)
+        stats[name] = st
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-    try:
+    with capture_inputs(linears, on_input):
         for s in stream.slices():
             h = stream.hidden[s]
             by_tensor.clear()
             layer(h, use_cache=False, **stream.layer_kwargs(h.shape[0]))
             n_done[0] += h.shape[0]
-    finally:
-        for hd in handles:
-            hd.remove()
     for st in {id(s): s for s in stats.values()}.values():
         if isinstance(st.X, list):
             st.X = torch.cat(st.X)

@@ -126,7 +126,11 @@ def load_text(corpus: str = "pydoc", split: str = "test") -> str:
         return _wikitext2(split)
     path = Path(corpus).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{corpus} is not UTF-8 text (byte {e.start}: {e.reason}); give a "
+                              "UTF-8 text file or a registered corpus") from None
     raise CorpusError(
         f"unknown corpus {corpus!r}; registered corpora: {', '.join(corpus_names())}, "
         "or give the path of a UTF-8 text file"

@@ -6,7 +6,9 @@ of a weight change ``ΔW`` is ``‖X ΔWᵀ‖² / n = tr(ΔW H ΔWᵀ) / 2`` wi
     H = 2 XᵀX / n        (in, in), the Hessian of that error in each row of W
 
 (the convention of OBS, GPTQ and SparseGPT).  GPTQ, SparseGPT, AWQ, imatrix and LWC all use this
-``H``; a method that needs only ``diag(XᵀX)`` takes ``diag(H) / 2``.
+``H``, accumulated over calibration batches by :func:`accumulate`; a method that needs a
+different scale writes the factor where it uses it (imatrix's ``mean x²`` is ``diag(H) / 2``,
+LWC's per-token loss is ``tr(ΔW H ΔWᵀ) / 2``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,29 @@ from edgellm.errors import EdgeLLMError
 
 class HessianError(EdgeLLMError, ValueError):
     """The damped Hessian is not positive definite (too few tokens, or too little damping)."""
+
+
+def accumulate(xtx: torch.Tensor | None, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Add a batch of inputs ``X`` (..., in) to the running sum ``xtx = Σ xᵀx`` (in, in) float32.
+
+    Returns ``(xtx, m)``: the sum updated in place (a new tensor when ``xtx`` is ``None``) and
+    the number ``m`` of rows added.  The sum, not ``H`` itself, is kept while batches arrive so
+    that ``H`` does not depend on how the tokens were batched; :func:`from_sum` turns it into
+    ``H`` once.
+    """
+    X2 = X.reshape(-1, X.shape[-1]).float()  # (m, in)
+    xtx = X2.T @ X2 if xtx is None else xtx.addmm_(X2.T, X2)
+    return xtx, X2.shape[0]
+
+
+def from_sum(xtx: torch.Tensor, n: int) -> torch.Tensor:
+    """``H = 2 XᵀX / n`` (in, in) from the sum ``xtx = Σ xᵀx`` over ``n`` rows."""
+    return 2 * xtx / max(n, 1)
+
+
+def from_inputs(X: torch.Tensor) -> torch.Tensor:
+    """``H = 2 XᵀX / n`` (in, in) float32 of raw inputs ``X`` (..., in), flattened to n rows."""
+    return from_sum(*accumulate(None, X))
 
 
 def hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -37,14 +62,17 @@ def hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def layer_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor | None = None, *,
-                H: torch.Tensor | None = None) -> float:
-    """Mean squared output error of a linear layer, ``‖(W − Q) Xᵀ‖² / n_tokens``.
+                H: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared output error of a linear layer, ``‖(W − Q) Xᵀ‖² / n_tokens``: a 0-d tensor.
 
     ``W``, ``Q`` (out, in); either raw inputs ``X`` (..., in) or ``H = 2 XᵀX / n`` (in, in),
-    with which the error is ``tr(ΔW H ΔWᵀ) / 2`` without touching the tokens again.
+    with which the error is ``tr(ΔW H ΔWᵀ) / 2`` without touching the tokens again.  The
+    result keeps its autograd graph (LWC trains on it); ``float(...)`` for a number.
     """
-    D = (W.float() - Q.float())  # (out, in)
+    D = W.float() - Q.float()  # ΔW (out, in)
     if X is not None:
         X2 = X.reshape(-1, X.shape[-1]).float()  # (n, in)
-        return (X2 @ D.T).square().sum().item() / X2.shape[0]
-    return ((D @ H.float()) * D).sum().item() / 2
+        return (X2 @ D.T).square().sum() / X2.shape[0]
+    if H is None:
+        raise HessianError("layer_error needs the inputs X (tokens, in) or H = 2 XᵀX / n (in, in)")
+    return ((D @ H.float()) * D).sum() / 2  # tr(ΔW H ΔWᵀ) / 2

@@ -7,6 +7,8 @@ one key.
 
 from __future__ import annotations
 
+import re
+import statistics
 import time
 
 import torch
@@ -15,7 +17,107 @@ from edgellm.errors import EdgeLLMError
 
 
 class MeasureError(EdgeLLMError, ValueError):
-    """Settings that measure nothing (no steps, too few tokens for one window)."""
+    """Settings that measure nothing (no steps, too few tokens for one window), or a record whose
+    speed figures do not name their protocol."""
+
+
+# --------------------------------------------------------------------------------------------
+# the protocols: every speed key of a record names one of these in ``speed_protocol``
+
+SPEED_PROTOCOLS = {
+    "prefill": "plain forward passes without KV cache over `batch` windows of `ctx` tokens at a "
+               "time, after `warmup` untimed windows; tokens fed / seconds (compute-bound)",
+    "decode": "greedy generation at batch 1 with the KV cache after an untimed `prompt_tokens` "
+              "prompt and `warmup` untimed steps; median of `repeats` runs of `new_tokens` steps "
+              "(memory- and overhead-bound)",
+    "paired-prefill": "candidate and reference forward passes (`batch` x `seq_len`, logits of the "
+                      "last position) timed alternately in one process, `repeats` pairs after a "
+                      "warm-up; each tokens/s is the median over pairs, speedup the median of the "
+                      "per-pair ratios",
+    "eval-loop": "the model's own forward passes inside the paired evaluation (hooks time them; "
+                 "the reference's passes and the scoring are not counted); tokens fed / seconds",
+    "eval-wall": "tokens fed / wall seconds of a whole perplexity loop (forward passes and "
+                 "scoring)",
+    "legacy-eval-loop": "kept only for committed records: eval-loop throughput recorded as "
+                        "tokens_per_s before protocols were named (settings from the command)",
+    "legacy-eval-wall": "kept only for committed records: `edgellm ppl` tokens fed per wall "
+                        "second, recorded as tokens_per_s before protocols were named",
+    "legacy-paired-best-of-5": "kept only for committed records: pruned and unpruned forward "
+                               "(batch 1 x 256 tokens, last-position logits) timed alternately, "
+                               "the best of 5 of each (not a median of pair ratios)",
+    "legacy-best-of-3": "kept only for committed records: pruned, then unpruned forward (batch 1 x "
+                        "256 tokens, last-position logits), the best of 3 of each, not alternated",
+}
+
+# what each memory figure means (no protocol entry needed: one meaning per key)
+MEMORY_KEYS = {
+    "size_bytes": "packed size: the bytes the weights need as stored (codes, scales, the "
+                  "unquantized tensors), whatever the process holds while simulating them",
+    "memory_bytes": "held memory: bytes of every storage the model object really holds "
+                    "(parameters, buffers, packed codes, quant states), each storage once",
+    "peak_rss_bytes": "peak resident set size of the whole process (model, activations, "
+                      "Python, libraries)",
+}
+
+# a speed key: ``<what>_tokens_per_s`` (train_, eval_, prefill_, decode_...) with an optional
+# ``_base`` (the reference measured in the same run), or the paired ``speedup``
+_SPEED_KEY = re.compile(r"^(?:[a-z0-9_]+_)?tokens_per_s(?:_[a-z0-9]+)?$|^speedup$")
+
+
+def protocol(name: str, **settings) -> dict:
+    """The ``speed_protocol`` entry ``{"name": name, **settings}``; ``name`` must be a key of
+    :data:`SPEED_PROTOCOLS`."""
+    if name not in SPEED_PROTOCOLS:
+        raise MeasureError(f"unknown speed protocol {name!r}; define it in edgellm.measure."
+                           f"SPEED_PROTOCOLS (known: {', '.join(SPEED_PROTOCOLS)})")
+    return {"name": name, **settings}
+
+
+def speed_keys(record: dict) -> list[str]:
+    """The keys of ``record`` that hold a speed figure (see :func:`check_speed_keys`)."""
+    return [k for k in record if _SPEED_KEY.match(k)]
+
+
+def check_speed_keys(record: dict) -> None:
+    """Raise :class:`MeasureError` unless every speed figure of ``record`` names its protocol.
+
+    The rule: no bare ``tokens_per_s`` (or ``tokens_per_s_*``); every key ending in
+    ``tokens_per_s`` (or ``tokens_per_s_base``) and ``speedup`` has an entry in
+    ``record["speed_protocol"]`` whose ``name`` is a key of :data:`SPEED_PROTOCOLS`.
+    """
+    problems = []
+    entries = record.get("speed_protocol") or {}
+    for k in speed_keys(record):
+        if k.startswith("tokens_per_s"):
+            problems.append(f"{k!r} does not say what was timed; use prefill_, decode_, eval_ "
+                            "or train_tokens_per_s")
+            continue
+        entry = entries.get(k)
+        if not isinstance(entry, dict) or not entry.get("name"):
+            problems.append(f"{k!r} has no speed_protocol entry")
+        elif entry["name"] not in SPEED_PROTOCOLS:
+            problems.append(f"{k!r} names protocol {entry['name']!r}, not defined in "
+                            "edgellm.measure.SPEED_PROTOCOLS")
+    if problems:
+        raise MeasureError("speed figures without a protocol: " + "; ".join(problems)
+                           + ". Measure them with edgellm.measure (its functions return the "
+                           "speed_protocol entries)")
+
+
+def as_base(res: dict) -> dict:
+    """A measurement of the reference: each speed key gets ``_base`` (its protocol entry too)."""
+    out = {f"{k}_base": v for k, v in res.items() if _SPEED_KEY.match(k)}
+    out["speed_protocol"] = {f"{k}_base": v for k, v in res.get("speed_protocol", {}).items()}
+    return out
+
+
+def merge(rec: dict, *measured: dict) -> dict:
+    """Update ``rec`` in place with measurements, merging their ``speed_protocol`` entries."""
+    for res in measured:
+        protocols = {**rec.get("speed_protocol", {}), **res.get("speed_protocol", {})}
+        rec.update(res)
+        rec["speed_protocol"] = protocols
+    return rec
 
 
 def peak_rss_bytes() -> int:
@@ -66,7 +168,10 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32, repea
     runs = sorted(steps(new_tokens) for _ in range(repeats))
     seconds = runs[len(runs) // 2]
     return {"decode_tokens_per_s": new_tokens / seconds, "decode_seconds": seconds,
-            "decode_new_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
+            "decode_new_tokens": new_tokens, "prompt_tokens": ids.shape[1],
+            "speed_protocol": {"decode_tokens_per_s": protocol(
+                "decode", batch=1, prompt_tokens=ids.shape[1], new_tokens=new_tokens,
+                repeats=repeats, warmup=warmup)}}
 
 
 def _leaf_tensors(t: torch.Tensor):
@@ -138,12 +243,25 @@ def memory_bytes(model: torch.nn.Module) -> int:
     return memory_report(model)["memory_bytes"]
 
 
+def packed_bytes(parts) -> int:
+    """Packed size (``size_bytes``) of what a format stores: an object with ``size_bytes`` (a
+    QTensor: codes + scales) counts that, a plain tensor its elements; not what the process
+    holds while simulating the format (that is :func:`memory_bytes`)."""
+    return sum(int(p.size_bytes) if hasattr(p, "size_bytes") else p.numel() * p.element_size()
+               for p in parts)
+
+
 @torch.inference_mode()
-def tokens_per_s(model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512,
-                 batch_size: int = 4, max_windows: int | None = None, warmup: int = 1) -> dict:
-    """Throughput of plain forward passes (no KV cache, full logits) over consecutive windows
-    of ``ctx`` tokens, after ``warmup`` untimed single-window passes (first-call costs: kernel
-    selection, lazy re-packing)."""
+def prefill_tokens_per_s(model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512,
+                         batch_size: int = 4, max_windows: int | None = None,
+                         warmup: int = 1) -> dict:
+    """Prefill throughput: plain forward passes (no KV cache, logits of every position) over
+    consecutive windows of ``ctx`` tokens, ``batch_size`` windows per call, after ``warmup``
+    untimed single-window passes (first-call costs: kernel selection, lazy re-packing).
+
+    ``tokens``: 1-D LongTensor.  Returns ``prefill_tokens_per_s``, ``prefill_seconds``,
+    ``prefill_tokens`` and its ``speed_protocol`` entry (protocol ``"prefill"``).
+    """
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     n_windows = len(tokens) // ctx
     if max_windows is not None:
@@ -154,7 +272,11 @@ def tokens_per_s(model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512,
     for _ in range(warmup):
         model(input_ids=tokens[:ctx].view(1, ctx), use_cache=False)
     seconds, n = bare_forward_seconds(model, tokens, ctx, n_windows, batch_size)
-    return {"tokens_per_s": n / seconds, "seconds_forward": seconds, "n_tokens_speed": n}
+    return {"prefill_tokens_per_s": n / seconds, "prefill_seconds": seconds,
+            "prefill_tokens": n,
+            "speed_protocol": {"prefill_tokens_per_s": protocol(
+                "prefill", batch=batch_size, ctx=ctx, windows=n_windows, logits="all",
+                warmup=warmup)}}
 
 
 def timed(fn, *args, **kwargs):
@@ -179,21 +301,43 @@ def forward_tokens_per_s(model, tokens: torch.Tensor, *, seq_len: int = 256, bat
     return ids.numel() / best
 
 
-@torch.inference_mode()
-def paired_tokens_per_s(model, reference, tokens: torch.Tensor, *, seq_len: int = 256,
-                        batch_size: int = 1, repeats: int = 5) -> tuple[float, float]:
-    """Forward tokens/s of ``model`` and of ``reference``, timed alternately (best of
-    ``repeats`` each), so a change in the machine's load hits both alike; returns
-    ``(model tokens/s, reference tokens/s)``.  Their ratio is the honest speed-up."""
+def paired_prefill(model, reference, tokens: torch.Tensor, *, seq_len: int = 256,
+                   batch_size: int = 1, repeats: int = 5, timer=time.perf_counter) -> dict:
+    """The paired protocol: forward passes of ``model`` and ``reference`` timed alternately in
+    one process, so a change in the machine's load hits both alike.
+
+    Each pair times one pass of each on the same ``(batch_size, seq_len)`` window (logits of the
+    last position only).  ``speedup`` is the median of the per-pair ratios
+    ``t_reference / t_model``, which cancels load that drifts between pairs; the two tokens/s are
+    the medians over pairs.  ``timer`` returns seconds (a fake one in tests).
+
+    Returns ``prefill_tokens_per_s``, ``prefill_tokens_per_s_base``, ``speedup`` and their
+    ``speed_protocol`` entries (protocol ``"paired-prefill"``).
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if len(tokens) < batch_size * seq_len:
-        raise MeasureError(f"{len(tokens)} tokens are too few to time {batch_size} x {seq_len}")
-    ids = tokens[:batch_size * seq_len].view(batch_size, seq_len)
-    best = [float("inf"), float("inf")]
+        raise MeasureError(f"{len(tokens)} tokens are too few to time {batch_size} x {seq_len}; "
+                           "give more tokens or a smaller seq_len")
+    if repeats < 1:
+        raise MeasureError(f"repeats={repeats}: time at least one pair (repeats >= 1)")
+    ids = tokens[:batch_size * seq_len].view(batch_size, seq_len)   # (B, T)
+    pairs = [_paired_seconds(model, reference, ids, timer) for _ in range(-1, repeats)][1:]
+    n = ids.numel()
+    entry = protocol("paired-prefill", batch=batch_size, seq_len=seq_len, logits="last",
+                     repeats=repeats, warmup=1)
+    return {"prefill_tokens_per_s": n / statistics.median(t for t, _ in pairs),
+            "prefill_tokens_per_s_base": n / statistics.median(t for _, t in pairs),
+            "speedup": statistics.median(t_ref / t for t, t_ref in pairs),
+            "speed_protocol": {k: entry for k in ("prefill_tokens_per_s",
+                                                  "prefill_tokens_per_s_base", "speedup")}}
+
+
+@torch.inference_mode()
+def _paired_seconds(model, reference, ids: torch.Tensor, timer) -> tuple[float, float]:
+    """``(seconds of model, seconds of reference)`` for one pass each, back to back."""
+    out = []
     for m in (model, reference):
-        m(input_ids=ids[:, :8], use_cache=False)  # warm-up
-    for _ in range(repeats):
-        for i, m in enumerate((model, reference)):
-            t0 = time.perf_counter()
-            m(input_ids=ids, use_cache=False, logits_to_keep=1)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return ids.numel() / best[0], ids.numel() / best[1]
+        t0 = timer()
+        m(input_ids=ids, use_cache=False, logits_to_keep=1)
+        out.append(timer() - t0)
+    return out[0], out[1]

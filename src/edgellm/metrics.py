@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.errors import EdgeLLMError
+from edgellm.measure import protocol as speed_protocol
 
 PROTOCOLS = {
     "gptq": "non-overlapping windows of ctx tokens, every token after the first scored "
@@ -204,14 +205,17 @@ def perplexity(model, tokens: torch.Tensor, protocol: str = "gptq", ctx: int = 5
     """Perplexity of ``model`` on 1-D ``tokens`` under ``protocol``.
 
     Returns ``ppl``, ``ppl_stderr``, ``nll`` (mean, nats), ``n_tokens`` (scored), ``n_windows``,
-    ``protocol``, ``ctx``, ``stride``, ``seconds``, ``tokens_per_s`` (tokens fed per second) and,
-    given ``byte_lengths`` (bytes per vocabulary id), ``bits_per_byte``.
+    ``protocol``, ``ctx``, ``stride``, ``seconds``, ``eval_tokens_per_s`` (tokens fed per wall
+    second, protocol ``"eval-wall"`` in ``speed_protocol``) and, given ``byte_lengths`` (bytes per
+    vocabulary id), ``bits_per_byte``.
     """
     r = token_logprobs(model, tokens, protocol, ctx, stride=stride, chunks=chunks, bos_id=bos_id,
                        batch_size=batch_size, progress=progress)
     out = {**ppl_from_nll(r["nll"]), "n_tokens": r["nll"].numel(), "n_windows": r["n_windows"],
            "protocol": protocol, "ctx": ctx, "stride": stride if protocol == "sliding" else None,
-           "seconds": r["seconds"], "tokens_per_s": r["n_fed"] / r["seconds"]}
+           "seconds": r["seconds"], "eval_tokens_per_s": r["n_fed"] / r["seconds"],
+           "speed_protocol": {"eval_tokens_per_s": speed_protocol(
+               "eval-wall", batch=batch_size, ctx=ctx, ppl_protocol=protocol)}}
     if byte_lengths is not None:
         out["bits_per_byte"] = bits_per_byte(r["nll"], r["target"], byte_lengths)
     return out
@@ -351,7 +355,9 @@ def evaluate_paired(model, reference, tok, *, data: str = "pydoc", split: str = 
             "data_sha256": sha256_text(load_text(data, split)), "max_tokens": max_tokens,
             "chunks": chunks, "seconds_eval": time.perf_counter() - t0,
             "seconds_model": clock["seconds"],
-            "tokens_per_s": r["n_fed"] / clock["seconds"] if clock["seconds"] else None}
+            "eval_tokens_per_s": r["n_fed"] / clock["seconds"] if clock["seconds"] else None,
+            "speed_protocol": {"eval_tokens_per_s": speed_protocol(
+                "eval-loop", batch=batch_size, ctx=ctx, ppl_protocol=protocol)}}
 
 
 def evaluate_kl(model, reference, tokenizer, data: str = "pydoc", *, split: str = "test",

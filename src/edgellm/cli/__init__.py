@@ -18,13 +18,13 @@ import json
 import shlex
 import sys
 
-from edgellm.cli import core, course, production, prune, quantize
+from edgellm.cli import core, course, lowrank, production, prune, quantize
 from edgellm.cli.common import add_json_arg
 from edgellm.errors import EdgeLLMError
 from edgellm.results import ResultsError, load_records, load_sweep, sweep_names
 
 # the subcommand modules, in the order ``edgellm --help`` lists them
-SUBCOMMANDS = (core, quantize, prune, production, course)
+SUBCOMMANDS = (core, quantize, prune, lowrank, production, course)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeLLMError as e:
         print(f"edgellm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: no traceback
+        print(f"edgellm {args.command}: interrupted", file=sys.stderr)
+        return 130
     rec.setdefault("command", command_line(argv))
     code = rec.pop("exit_code", 0)
     if args.json:

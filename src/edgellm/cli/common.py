@@ -4,10 +4,17 @@ is loaded (an unknown corpus fails in milliseconds, not after a model load)."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from edgellm.errors import EdgeLLMError
 from edgellm.metrics import PROTOCOLS
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+class UsageError(EdgeLLMError, ValueError):
+    """A flag names a file or folder that cannot be used (missing, wrong kind, not writable)."""
 
 
 def add_model_arg(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
@@ -81,14 +88,77 @@ def check_eval_args(args) -> None:
     load_text(args.data, args.split)
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, flag: str = "--model") -> None:
     """A registry name, an existing path, or a hub id (``owner/name``): else a clear error."""
-    from pathlib import Path
-
     from edgellm.models import REGISTRY, registry_entry
 
-    if name in REGISTRY or Path(name).exists():
+    if name in REGISTRY:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"{flag} {name}: this folder has no config.json, so it is not a saved "
+                         "Hugging Face model; give a model folder (config.json + weights), a "
+                         ".gguf file, or a registry name (see `edgellm info`)")
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise UsageError(f"{flag} {name}: a model file must be a .gguf file; for a saved "
+                         "Hugging Face model give its folder")
+    if path.exists():
         return
     if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf"):
         return  # a hub id: load_model says whether the hub can be reached
+    if name.lower().endswith(".gguf") or name.startswith((".", "/", "~")):
+        raise UsageError(f"{flag} {name}: no such file or folder; give an existing .gguf file "
+                         "or model folder, or a registry name (see `edgellm info`)")
     registry_entry(name)  # raises with the registered names and what else may be given
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_out_dir(path, flag: str) -> None:
+    """A folder the command will write: it is a folder, or can be created here; checked before
+    anything long runs, so a bad ``--out`` fails in milliseconds, not after the work."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: this is a file, not a folder; give a new or existing folder")
+    _check_writable_parent(p, path, flag)
+
+
+def check_out_file(path, flag: str) -> None:
+    """A file the command will write: not a folder, and its folder exists or can be created."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: this is a folder; give a file name")
+    _check_writable_parent(p.parent, path, flag)
+
+
+def _check_writable_parent(p: Path, given, flag: str) -> None:
+    base = _nearest_existing(p.absolute())
+    if not base.is_dir():
+        raise UsageError(f"{flag} {given}: {base} is a file, so nothing can be created under it; "
+                         "give another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {given}: no permission to write in {base}; give another path")
+
+
+def check_in_file(path, what: str, *, suffix: str | None = None) -> Path:
+    """An input file exists, is a file, and (optionally) has the right extension."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{path}: no such file; give the path of an existing {what}")
+    if not p.is_file():
+        raise UsageError(f"{path}: this is not a file; give the path of a {what}")
+    if suffix is not None and p.suffix.lower() != suffix:
+        raise UsageError(f"{path}: expected a {what} ({suffix} file)")
+    return p
+
+
+def check_in_dir(path, flag: str, *, what: str) -> Path:
+    """An input folder exists and holds what the command reads (``what`` describes it)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UsageError(f"{flag} {path}: no such folder; give the folder of {what}")
+    return p

@@ -90,7 +90,7 @@ def kl(args) -> dict:
     from edgellm.models import load_model
 
     check_model_name(args.model)
-    check_model_name(args.reference)
+    check_model_name(args.reference, "--reference")
     check_eval_args(args)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, quiet=args.json)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from edgellm.cli.common import add_json_arg
+from edgellm.cli.common import (
+    UsageError,
+    add_json_arg,
+    check_in_dir,
+    check_in_file,
+    check_out_dir,
+    check_out_file,
+)
 
 
 def add_parsers(sub) -> None:
@@ -44,22 +51,40 @@ def add_parsers(sub) -> None:
 
 
 def course_run(args) -> dict:
-    from edgellm.course.run import run_course
+    from edgellm.course.run import course_notebooks, run_course
 
+    check_out_dir(args.out, "--out")
+    if args.only is not None and not any(args.only in p.name for p in course_notebooks()):
+        names = ", ".join(p.name for p in course_notebooks())
+        raise UsageError(f"--only {args.only!r} matches no notebook, so there is nothing to run; "
+                         f"give part of a name, e.g. '01_' (notebooks: {names})")
     code = run_course(args.out, fast=args.fast, only=args.only, render=not args.no_render,
                       web_assets=not args.no_web_assets)
     return {"out": args.out, "failed": code != 0, "exit_code": code}
 
 
-def exercises_generate(args) -> dict:
-    from edgellm.course.labs import generate
+def _check_labs(args) -> None:
+    """``--src`` holds solution notebooks, ``--dst`` is a folder: before anything is written."""
+    if args.src is not None:
+        src = check_in_dir(args.src, "--src", what="the solution notebooks (NN_topic.ipynb)")
+        if not any(src.glob("[0-9][0-9]_*.ipynb")):
+            raise UsageError(f"--src {args.src}: no solution notebooks (NN_topic.ipynb) in this "
+                             "folder; give the folder of the lab sources (default: solutions/)")
+    if args.dst is not None:
+        check_out_dir(args.dst, "--dst")
 
+
+def exercises_generate(args) -> dict:
+    from edgellm.course.exercises import generate
+
+    _check_labs(args)
     return {"written": [str(p) for p in generate(args.src, args.dst, quiet=args.json)]}
 
 
 def exercises_drift(args) -> dict:
-    from edgellm.course.labs import drift
+    from edgellm.course.exercises import drift
 
+    _check_labs(args)
     problems = drift(args.src, args.dst)
     if not args.json:
         for line in problems:
@@ -70,9 +95,21 @@ def exercises_drift(args) -> dict:
 
 
 def exercises_grade(args) -> dict:
+    import nbformat
+
     from edgellm.course.labs import grade
     from edgellm.records import write_json
 
+    for path in args.notebooks:  # every file checked before the first (slow) run
+        check_in_file(path, "lab notebook", suffix=".ipynb")
+        try:
+            nbformat.read(path, as_version=4)
+        except (ValueError, KeyError, AttributeError, TypeError,  # not JSON, not a notebook
+                nbformat.ValidationError) as e:
+            raise UsageError(f"{path} is not a Jupyter notebook ({type(e).__name__}); give a lab "
+                             "notebook, e.g. exercises/01_perplexity.ipynb") from None
+    if args.out:
+        check_out_file(args.out, "--out")
     grades = []
     for path in args.notebooks:
         g = grade(path, fast=not args.full)
@@ -89,6 +126,7 @@ def exercises_grade(args) -> dict:
 
 
 def exercises_nbgrader(args) -> dict:
-    from edgellm.course.labs import write_nbgrader_source
+    from edgellm.course.exercises import write_nbgrader_source
 
+    check_out_dir(args.out, "OUT")
     return {"written": [str(p) for p in write_nbgrader_source(args.out)]}

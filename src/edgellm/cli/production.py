@@ -12,13 +12,13 @@ The model is loaded from the cache in fp32 and its 210 decoder linears are repla
 library's modules (the tied embedding / lm_head stays fp32).  Reported: ``memory_bytes`` (real
 bytes of parameters, buffers, packed storage and quant states, as loaded) and
 ``memory_bytes_runtime`` (after running: bitsandbytes re-lays 4-bit weights out on AVX512-BF16
-CPUs), ``seconds_load`` (cached fp32 load + quantization), ``tokens_per_s`` (plain forward passes
-over the evaluation windows, after one warm-up window: batched prefill, compute-bound),
-``decode_tokens_per_s`` (greedy generation at batch 1 with the KV cache, ``--decode-tokens`` steps
-after a 32-token prompt: memory- and overhead-bound), each with the fp32 model's speed measured in
-the same run (``*_base``), and with ``--eval`` perplexity, KL and
-top-1 agreement against the fp32 model on the same tokens (``edgellm quantize``'s
-``evaluate_paired``).  ``--impl edgellm`` runs our from-scratch block formats instead
+CPUs), ``seconds_load`` (cached fp32 load + quantization), ``prefill_tokens_per_s`` (protocol
+``prefill``: plain forward passes over the evaluation windows, after one warm-up window: batched,
+compute-bound), ``decode_tokens_per_s`` (protocol ``decode``: greedy generation at batch 1 with the
+KV cache, ``--decode-tokens`` steps after a 32-token prompt: memory- and overhead-bound), each with
+the fp32 model's speed measured in the same run (``*_base``) and named in ``speed_protocol``, and
+with ``--eval`` perplexity, KL and top-1 agreement against the fp32 model on the same tokens
+(``edgellm quantize``'s ``evaluate_paired``, with its ``eval_tokens_per_s``).  ``--impl edgellm`` runs our from-scratch block formats instead
 (fake-quantized fp32 weights: quality only; ``size_bytes`` is the packed size they would need).
 """
 
@@ -119,8 +119,15 @@ def run(args) -> dict:
     import torch
 
     from edgellm.data import get_tokens
-    from edgellm.measure import decode_tokens_per_s, memory_bytes, memory_report, peak_rss_bytes
-    from edgellm.measure import tokens_per_s as forward_tokens_per_s
+    from edgellm.measure import (
+        as_base,
+        decode_tokens_per_s,
+        memory_bytes,
+        memory_report,
+        merge,
+        peak_rss_bytes,
+        prefill_tokens_per_s,
+    )
     from edgellm.metrics import evaluate_paired
     from edgellm.models import linear_layers, load_model
     from edgellm.quant.apply import quantize_production
@@ -150,27 +157,25 @@ def run(args) -> dict:
     rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
                n_tokens=None, protocol=args.protocol, ctx=args.ctx, data=args.data)
     if args.eval:
-        rec.update(evaluate_paired(
+        merge(rec, evaluate_paired(
             model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
             ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
             batch_size=args.eval_batch_size, progress=not args.json))
-    # after the evaluation, whose own ``tokens_per_s`` (eval throughput) this replaces
-    if library == "edgellm":  # fake-quantized fp32 weights: fp32 speed, nothing to measure
-        rec.update(tokens_per_s=None, tokens_per_s_base=None, n_tokens_speed=None)
-    else:
-        speed = forward_tokens_per_s(model, tokens, args.ctx, args.eval_batch_size, args.chunks)
-        speed_base = forward_tokens_per_s(reference, tokens, args.ctx, args.eval_batch_size, args.chunks)
-        rec.update(tokens_per_s=speed["tokens_per_s"],
-                   tokens_per_s_base=speed_base["tokens_per_s"],
-                   n_tokens_speed=speed["n_tokens_speed"])
-    rec.update(decode_tokens_per_s=None, decode_tokens_per_s_base=None, decode_new_tokens=None)
+    # fake-quantized fp32 weights (our code) run at fp32 speed: no speed keys for them
+    if library != "edgellm":
+        speed = prefill_tokens_per_s(model, tokens, args.ctx, args.eval_batch_size, args.chunks)
+        speed_base = prefill_tokens_per_s(reference, tokens, args.ctx, args.eval_batch_size,
+                                          args.chunks)
+        merge(rec, {k: speed[k] for k in ("prefill_tokens_per_s", "speed_protocol")},
+              as_base(speed_base))
+        rec["n_tokens_speed"] = speed["prefill_tokens"]
     if library != "edgellm" and args.decode_tokens:
         prompt = tokens[:DECODE_PROMPT_TOKENS]
         dec = decode_tokens_per_s(model, prompt, args.decode_tokens)
         dec_base = decode_tokens_per_s(reference, prompt, args.decode_tokens)
-        rec.update(decode_tokens_per_s=dec["decode_tokens_per_s"],
-                   decode_tokens_per_s_base=dec_base["decode_tokens_per_s"],
-                   decode_new_tokens=args.decode_tokens)
+        merge(rec, {k: dec[k] for k in ("decode_tokens_per_s", "speed_protocol")},
+              as_base(dec_base))
+        rec["decode_new_tokens"] = args.decode_tokens
     rec["memory_bytes_runtime"] = memory_bytes(model)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, seed=args.seed, model=args.model)

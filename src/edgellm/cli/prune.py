@@ -32,6 +32,7 @@ from edgellm.cli.common import (
     add_seed_arg,
     check_eval_args,
     check_model_name,
+    check_out_dir,
 )
 from edgellm.prune.apply import METHODS, STRUCTURED
 
@@ -82,10 +83,7 @@ def _eval(model, reference, tok, args) -> dict:
                              protocol=args.protocol, ctx=args.ctx, max_tokens=args.max_tokens,
                              chunks=args.chunks, batch_size=args.eval_batch_size,
                              progress=not args.json)
-    # the evaluation's own throughput (unpaired, batched) must not replace the paired
-    # tokens_per_s / tokens_per_s_base measured above
-    if "tokens_per_s" in res:
-        res["tokens_per_s_eval"] = res.pop("tokens_per_s")
+    # its eval_tokens_per_s (eval loop) sits beside the paired prefill_tokens_per_s
     return res
 
 
@@ -93,7 +91,7 @@ def run(args) -> dict:
     import os
 
     from edgellm.data import get_tokens
-    from edgellm.measure import paired_tokens_per_s, peak_rss_bytes
+    from edgellm.measure import merge, paired_prefill, peak_rss_bytes
     from edgellm.models import load_model, n_params
     from edgellm.prune.accounting import model_bytes, sparse_storage
     from edgellm.prune.apply import prune_model
@@ -105,21 +103,19 @@ def run(args) -> dict:
     rec = prune_model(model, tok, method=args.method, sparsity=args.sparsity, nm=args.nm,
                       scope=args.scope, structured=args.structured, ratio=args.ratio,
                       granularity=args.granularity, calib=args.calib, n_samples=args.n_samples,
-                      seq_len=args.seq_len, seed=args.seed, progress=not args.json)
+                      seq_len=args.seq_len, seed=args.seed, progress=not args.json).info
     rec.update(n_params=n_params(model), n_params_base=n_params(reference),
                n_nonzero=sum(int((p != 0).sum()) for p in model.parameters()),
                size_bytes=model_bytes(model), size_bytes_base=model_bytes(reference))
     if args.structured is None or args.sparsity is not None or args.nm is not None:
         rec.update(sparse_storage(model, args.nm))
     speed_tokens = get_tokens(args.data, tok, args.split, 1024)
-    rec["tokens_per_s"], rec["tokens_per_s_base"] = paired_tokens_per_s(model, reference,
-                                                                        speed_tokens)
-    rec["speed_note"] = ("dense fp32 forward, batch 1 × 256 tokens, best of 5, timed alternately "
-                         "with the unpruned model; zeros do not speed up a dense matmul; no CPU 2:4 "
+    merge(rec, paired_prefill(model, reference, speed_tokens))
+    rec["speed_note"] = ("dense fp32 forward: zeros do not speed up a dense matmul; no CPU 2:4 "
                          "kernel in PyTorch")
     rec.update(ppl=None, ppl_base=None, kl_mean=None)
     if args.eval:
-        rec.update(_eval(model, reference, tok, args))
+        merge(rec, _eval(model, reference, tok, args))
     if args.recover_steps:
         from edgellm.prune.recover import finetune, zero_masks
 
@@ -131,14 +127,14 @@ def run(args) -> dict:
         before = {k: rec[k] for k in ("ppl", "kl_mean") if rec.get(k) is not None}
         ft = finetune(model, train, masks=masks, **kw)
         rec.update({f"{k}_before_recovery": v for k, v in before.items()})
-        rec.update(recover_steps=ft["steps"], recover_seconds=ft["seconds"],
-                   recover_lr=ft["lr"], recover_lora=args.lora,
-                   recover_loss_first=ft["losses"][0], recover_loss_last=ft["losses"][-1],
+        rec.update(recover_steps=ft.steps, recover_seconds=ft.seconds,
+                   recover_lr=ft.lr, recover_lora=args.lora,
+                   recover_loss_first=ft.losses[0], recover_loss_last=ft.losses[-1],
                    sparsity_after_recovery=sum(int((lin.weight == 0).sum()) for lin in
                                                _lins(model)) / sum(lin.weight.numel()
                                                                    for lin in _lins(model)))
         if args.eval:
-            rec.update(_eval(model, reference, tok, args))
+            merge(rec, _eval(model, reference, tok, args))
         if args.control:
             control = copy.deepcopy(reference)
             finetune(control, train, **kw)
@@ -171,6 +167,8 @@ def _check_args(args) -> None:
     check_model_name(args.model)
     check_eval_args(args)  # unknown corpus / changed stdlib files: fail before loading
     load_text(args.calib, "train")
+    if args.out:
+        check_out_dir(args.out, "--out")
 
 
 def _lins(model):

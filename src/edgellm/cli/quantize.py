@@ -35,6 +35,8 @@ from edgellm.cli.common import (
     add_seed_arg,
     check_eval_args,
     check_model_name,
+    check_out_dir,
+    check_out_file,
     parse_group_size,
     parse_threshold,
 )
@@ -81,7 +83,7 @@ def run(args) -> dict:
     import os
 
     from edgellm.data import load_text
-    from edgellm.measure import peak_rss_bytes
+    from edgellm.measure import merge, peak_rss_bytes
     from edgellm.metrics import evaluate_paired
     from edgellm.models import load_model
     from edgellm.quant.apply import check_options, max_weight_change, quantize_model
@@ -91,30 +93,36 @@ def run(args) -> dict:
     opts = dict(a_bits=args.a_bits, a_format=args.a_format, a_static=args.a_static,
                 alpha=args.alpha, kv_bits=args.kv_bits, threshold=args.threshold)
     # every bad name or value fails here, before the model is loaded
-    check_options(args.method, bpw_budget=args.bpw_budget, qtype=args.type, **opts)
+    check_options(args.method, bpw_budget=args.bpw_budget, qtype=args.type, bits=args.bits,
+                  **opts)
     check_model_name(args.model)
     check_eval_args(args)
     load_text(args.calib, "train")
+    if args.out:
+        check_out_dir(args.out, "--out")
+    if args.save_clips:
+        check_out_file(args.save_clips, "--save-clips")
     if args.save_clips and args.method != "lwc":
         from edgellm.quant.qtensor import QuantError
 
         raise QuantError("--save-clips only applies to --method lwc (the learned clipping values)")
     model, tok = load_model(args.model, quiet=args.json)
-    qts, info = quantize_model(
+    res = quantize_model(
         model, tok, method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         qtype=args.type, bpw_budget=args.bpw_budget, calib=args.calib, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, progress=not args.json, **opts)
-    clips = info.pop("clips", None)
+    qts, info = res.qtensors, res.info
     if args.save_clips:
         from edgellm.quant.lwc import save_clips
 
-        save_clips(clips, args.save_clips, metadata={"bits": args.bits, "seed": args.seed,
+        save_clips(res.clips, args.save_clips, metadata={"bits": args.bits, "seed": args.seed,
                                                      "group_size": args.group_size,
                                                      "command": "edgellm quantize --method lwc"})
         info["clips_file"] = str(args.save_clips)
     rec = {**info, **model_size(model, qts)}
-    rec.update(memory_bytes=rec["size_bytes"], ppl=None, ppl_base=None, kl_mean=None,
-               tokens_per_s=None)
+    # size_bytes is the packed size; the process holds fake-quantized fp32 weights, so no
+    # memory_bytes here (edgellm bnb / torchao measure what a real format holds)
+    rec.update(ppl=None, ppl_base=None, kl_mean=None)
     if args.out:
         from edgellm.quant.save import WEIGHTS, save_quantized
 
@@ -124,7 +132,7 @@ def run(args) -> dict:
         reference, _ = load_model(args.model, quiet=True)
         change = max_weight_change(model, reference)
         rec.update(max_abs_weight_change=change, lossless=change == 0.0)
-        rec.update(evaluate_paired(
+        merge(rec, evaluate_paired(
             model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
             ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
             batch_size=args.eval_batch_size, progress=not args.json))

@@ -1,9 +1,12 @@
 """The rendered course: executed notebooks as HTML pages that work offline, an index, a results page.
 
 Every page loads its JavaScript from the course folder itself (``_static/``): MathJax 2.7, the
-Jupyter widgets HTML manager (``embed-amd.js``) and require.js, copied from the npm packages listed
-in ``tests/browser/package.json`` (installed by ``scripts/ci_system_deps.sh`` or ``npm ci``), so
-the course can be served from a laptop in a lab room without internet.
+Jupyter widgets HTML manager (``embed-amd.js``) and require.js, copied from the npm packages pinned
+in ``edgellm/course/web/package-lock.json`` (shipped with the package; ``npm ci`` installs them
+once into ``cache_dir()/web``, or ``$EDGELLM_NODE_MODULES`` points at a ``node_modules`` folder
+that has them), so the course can be served from a laptop in a lab room without internet.
+Without npm, ``render_course(..., web_assets=False)`` (``edgellm course run --no-web-assets``)
+renders every page without them and says so at the top of each page.
 
 Layout of ``out/``::
 
@@ -17,6 +20,7 @@ Layout of ``out/``::
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import os
@@ -26,29 +30,30 @@ import subprocess
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
-from edgellm.paths import root
+from edgellm.paths import cache_dir
 
-WEB_DIR = root() / "tests" / "browser"          # package.json of the offline web assets
+WEB_DIR = Path(__file__).resolve().parent / "web"    # package.json + lock of the offline web assets
 STATIC = "_static"
 MATHJAX_CONFIG = "TeX-AMS_CHTML-full,Safe"
-
-# canonical JSON keys shown on the results page, in this order
-HEADLINE_KEYS = ("ppl", "ppl_base", "nll", "kl_mean", "top1_agreement", "bpw", "size_bytes",
-                 "peak_rss_bytes", "tokens_per_s", "seconds", "n_tokens", "protocol", "ctx",
-                 "model", "data")
-# keys a sweep may vary along (x axis of its plot), most telling first
-SWEEP_AXES = ("bits", "bpw", "group_size", "ctx", "size_bytes", "n_samples", "seq_len", "a_bits",
-              "kv_bits", "rank", "sparsity", "stride")
 
 
 # --------------------------------------------------------------------------------------------
 # offline assets
 
 
+class WebAssetsError(EdgeLLMError):
+    """The offline web assets are missing and cannot be installed here."""
+
+
+def web_install_dir() -> Path:
+    """Where ``npm ci`` installs the web assets (``node_modules/`` inside): ``cache_dir()/web``."""
+    return cache_dir() / "web"
+
+
 def node_modules() -> Path:
     """Where the npm packages of the web assets live (``EDGELLM_NODE_MODULES`` overrides)."""
     env = os.environ.get("EDGELLM_NODE_MODULES")
-    return Path(env) if env else WEB_DIR / "node_modules"
+    return Path(env) if env else web_install_dir() / "node_modules"
 
 
 _ASSETS = {  # name in _static/ : path inside node_modules
@@ -56,6 +61,13 @@ _ASSETS = {  # name in _static/ : path inside node_modules
     "html-manager": "@jupyter-widgets/html-manager/dist",
     "require.js": "requirejs/require.js",
 }
+LOCK_STAMP = ".edgellm-lock-sha256"     # in node_modules/: sha256 of the lock it was installed from
+
+NO_NPM = ("install Node.js with npm (Debian/Ubuntu: `sudo apt-get install npm`; macOS: "
+          "`brew install node`; elsewhere: https://nodejs.org) and run again")
+NO_ASSETS_NOTE = ("rendered without the offline web assets (MathJax, widgets): formulas show as TeX "
+                  "source, widgets as static output; install npm and run "
+                  "scripts/ci_system_deps.sh, then `make course`")
 
 
 def assets_available() -> bool:
@@ -63,18 +75,72 @@ def assets_available() -> bool:
     return all((nm / p).exists() for p in _ASSETS.values())
 
 
+def _lock_sha256() -> str:
+    return hashlib.sha256((WEB_DIR / "package-lock.json").read_bytes()).hexdigest()
+
+
+def _installed_from_lock() -> bool:
+    """The default install exists and was made from the lock shipped with this package."""
+    stamp = node_modules() / LOCK_STAMP
+    return assets_available() and stamp.is_file() and stamp.read_text().strip() == _lock_sha256()
+
+
+def install_assets() -> Path:
+    """``npm ci`` of ``web/package-lock.json`` into :func:`web_install_dir`; returns node_modules.
+
+    Downloads the pinned packages once (needs the internet and npm); later renders are offline.
+    """
+    npm = shutil.which("npm")
+    dest = web_install_dir()
+    if npm is None:
+        raise WebAssetsError(
+            "the offline web assets of the course (MathJax, the Jupyter widgets manager, "
+            f"require.js) are not installed, and npm, which installs them, is not on PATH: {NO_NPM} "
+            f"(they go to {dest}). In a checkout, `bash scripts/ci_system_deps.sh` installs npm "
+            "and the assets. Or render without them (formulas as TeX source, widgets as static "
+            "output): `edgellm course run --no-web-assets`")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy2(WEB_DIR / name, dest / name)
+    print(f"render: installing the offline web assets (npm ci in {dest})", flush=True)
+    r = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=dest,
+                       check=False)
+    if r.returncode != 0 or not (dest / "node_modules").is_dir():
+        raise WebAssetsError(
+            f"`npm ci` in {dest} failed (exit {r.returncode}): it downloads the pinned packages "
+            "once, so it needs the internet; fix the error above and run again, or render "
+            "without them: `edgellm course run --no-web-assets`")
+    (dest / "node_modules" / LOCK_STAMP).write_text(_lock_sha256() + "\n")
+    return dest / "node_modules"
+
+
 def ensure_assets(*, install: bool = True) -> Path:
-    """The node_modules folder with MathJax, the widget manager and require.js; ``npm ci`` if absent."""
-    if assets_available():
+    """The node_modules folder with MathJax, the widget manager and require.js.
+
+    With ``$EDGELLM_NODE_MODULES`` that folder is used as it is.  Otherwise the install in
+    :func:`web_install_dir` is made with ``npm ci`` when absent (not with ``install=False``).
+    Raises :class:`WebAssetsError`, naming npm and how to install it, when the assets are missing.
+    """
+    env = os.environ.get("EDGELLM_NODE_MODULES")
+    if env:
+        if not assets_available():
+            raise WebAssetsError(
+                f"EDGELLM_NODE_MODULES={env} lacks {', '.join(_ASSETS.values())}; run `npm ci` "
+                f"with {WEB_DIR / 'package-lock.json'} in its parent folder, or unset it to "
+                f"install them into {web_install_dir()}")
         return node_modules()
-    if install and shutil.which("npm") and (WEB_DIR / "package-lock.json").is_file():
-        print(f"render: installing the offline web assets (npm ci in {WEB_DIR})")
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB_DIR, check=False)
-    if not assets_available():
-        raise EdgeLLMError(
-            "the offline web assets (MathJax, Jupyter widgets) are not installed; run "
-            "`bash scripts/ci_system_deps.sh` (or `npm ci` in tests/browser/) and try again")
-    return node_modules()
+    if assets_available():
+        if not _installed_from_lock():        # kept: `npm ci` would delete it before downloading
+            print(f"render: the web assets in {node_modules()} were not installed from this "
+                  "package's lock; `scripts/ci_system_deps.sh` (or install_assets()) updates them")
+        return node_modules()
+    if not install:
+        raise WebAssetsError(
+            "the offline web assets of the course (MathJax, the Jupyter widgets manager, "
+            f"require.js) are not installed in {web_install_dir()}: {NO_NPM}, or run "
+            "`bash scripts/ci_system_deps.sh` in a checkout; or render without them: "
+            "`edgellm course run --no-web-assets`")
+    return install_assets()
 
 
 def _skip_mathjax(dirpath: str, names: list[str]) -> set[str]:
@@ -118,10 +184,29 @@ def _rel_static(page: Path, out: Path) -> str:
     return Path(os.path.relpath(out / STATIC, page.parent)).as_posix()
 
 
-def exporter(static_url: str):
-    """nbconvert's lab-template HTML exporter pointed at the local assets under ``static_url``."""
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+# the lab template with no <script> of require.js, the widget manager or MathJax
+_NO_ASSETS_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+"""
+
+
+def exporter(static_url: str, *, web_assets: bool = True):
+    """nbconvert's lab-template HTML exporter pointed at the local assets under ``static_url``.
+
+    ``web_assets=False``: the same page without require.js, MathJax and the widget manager.
+    """
     from nbconvert import HTMLExporter
 
+    if not web_assets:
+        from jinja2 import DictLoader
+
+        return HTMLExporter(template_name="lab", embed_images=True,
+                            extra_loaders=[DictLoader({"no_assets.html.j2": _NO_ASSETS_TEMPLATE})],
+                            template_file="no_assets.html.j2")
     return HTMLExporter(
         template_name="lab",
         embed_images=True,
@@ -143,15 +228,49 @@ def notebook_title(nb, default: str) -> str:
     return default
 
 
-def render_notebook(nb, dest, out) -> Path:
-    """Write ``nb`` (an executed nbformat notebook) as an HTML page ``dest`` of the course ``out``."""
+def static_widgets(nb):
+    """A copy of ``nb`` whose widgets are static output: no widget state, and each widget view
+    replaced by the fallback the kernel sent with it (``text/plain``: a tqdm bar's last text)."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
+                del data[WIDGET_VIEW]
+                data.setdefault("text/plain", "")
+    return nb
+
+
+def no_assets_note() -> str:
+    """The notice at the top of every page rendered with ``web_assets=False``."""
+    return (f'<p class="edgellm-note" style="background:#fff8c5;border:1px solid #d4a72c;'
+            f'padding:0.5em 0.8em;">Note: {html.escape(NO_ASSETS_NOTE)}.</p>')
+
+
+def _add_note(page: str) -> str:
+    return page.replace("<main>", f"<main>\n{no_assets_note()}", 1)
+
+
+def render_notebook(nb, dest, out, *, web_assets: bool = True) -> Path:
+    """Write ``nb`` (an executed nbformat notebook) as an HTML page ``dest`` of the course ``out``.
+
+    ``web_assets=False``: no MathJax or widget manager (formulas stay TeX source, widgets show
+    their static fallback) and a note at the top of the page says so.
+    """
     from edgellm.records import write_text
 
     dest = Path(dest)
-    ex = exporter(_rel_static(dest, Path(out)))
+    ex = exporter(_rel_static(dest, Path(out)), web_assets=web_assets)
+    if not web_assets:
+        nb = static_widgets(nb)
     body, _ = ex.from_notebook_node(nb, resources={"metadata": {"name": dest.stem}})
     nav = (f'<nav class="edgellm-nav"><a href="{os.path.relpath(Path(out) / "index.html", dest.parent)}">'
            "&larr; course index</a></nav>")
+    if not web_assets:
+        nav += "\n" + no_assets_note()
     body = body.replace("<main>", f"<main>\n{nav}", 1)
     return write_text(body, dest)
 
@@ -164,141 +283,7 @@ def _page(title: str, body: str, static: str) -> str:
             f"</head>\n<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "&mdash;"
-    if isinstance(v, float):
-        if v != v:
-            return "nan"
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    if isinstance(v, int) and abs(v) >= 10_000:
-        return f"{v:,}"
-    return html.escape(str(v))
-
-
-def sweep_axis(records: list[dict]) -> str | None:
-    """The key a sweep varies along (for its plot), or None."""
-    for key in SWEEP_AXES:
-        vals = [r.get(key) for r in records]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals) \
-                and len(set(vals)) > 1:
-            return key
-    return None
-
-
-def plot_sweep(sweep: dict, dest) -> Path | None:
-    """A PNG of a sweep's headline metric against the key it varies (None when nothing to plot)."""
-    records = sweep.get("records", [])
-    metric = next((k for k in ("ppl", "kl_mean", "tokens_per_s", "seconds")
-                   if records and all(isinstance(r.get(k), int | float) for r in records)), None)
-    if metric is None or len(records) < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axis = sweep_axis(records)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
-    if axis is not None:
-        pts = sorted((r[axis], r[metric]) for r in records)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-        ax.set_xlabel(axis)
-        lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
-        if lo > 0 and hi / lo >= 8:                       # doublings (ctx, group size) read best
-            ax.set_xscale("log", base=2)
-    else:
-        labels = [_label(r, i, records) for i, r in enumerate(records)]
-        ax.bar(range(len(records)), [r[metric] for r in records])
-        ax.set_xticks(range(len(records)), labels, rotation=30, ha="right", fontsize=7)
-    if "ppl_base" in records[0] and metric == "ppl" and isinstance(records[0]["ppl_base"], float):
-        ax.axhline(records[0]["ppl_base"], color="gray", ls="--", lw=1, label="baseline")
-        ax.legend()
-    ax.set_ylabel(metric)
-    ax.set_title(sweep.get("name", ""))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest)
-    plt.close(fig)
-    return dest
-
-
-def _label(r: dict, i: int, records: list[dict]) -> str:
-    """What tells this record apart: the string-valued keys that vary across the sweep."""
-    keys = [k for k, v in r.items() if isinstance(v, str) and k not in ("command",)
-            and len({str(x.get(k)) for x in records}) > 1]
-    if keys:
-        return ", ".join(str(r[k]) for k in keys[:2])
-    cmd = r.get("command", "")
-    return " ".join(cmd.split()[-2:]) if cmd else f"#{i}"
-
-
-def load_sweeps(results_dir=None) -> list[dict]:
-    results_dir = Path(results_dir) if results_dir is not None else root() / "results"
-    out = []
-    for p in sorted(results_dir.glob("*.json")):
-        try:
-            sweep = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            sweep = {"name": p.stem, "description": f"unreadable: {e}", "records": []}
-        sweep.setdefault("name", p.stem)
-        out.append(sweep)
-    return out
-
-
-def headline(record: dict) -> dict:
-    """The canonical keys of a record (plus the command that produced it)."""
-    keep = {k: record[k] for k in HEADLINE_KEYS if k in record}
-    axis_vals = {k: record[k] for k in SWEEP_AXES if k in record and k not in keep}
-    return {**axis_vals, **keep, **({"command": record["command"]} if "command" in record else {})}
-
-
-def render_results(out, sweeps: list[dict] | None = None, notebooks: list[dict] | None = None) -> dict:
-    """Write ``out/results.json`` and ``out/results.html`` from the recorded sweeps."""
-    from edgellm.records import write_json, write_text
-
-    out = Path(out)
-    sweeps = load_sweeps() if sweeps is None else sweeps
-    summary = {"sweeps": [], "notebooks": notebooks or []}
-    parts = ["<h1>Results</h1>",
-             "<p>Every recorded sweep of the course (<code>results/*.json</code>), each number "
-             "reproducible from the shell with the command shown (<code>make results</code> "
-             "re-runs them all).</p>"]
-    if not sweeps:
-        parts.append("<p><em>No sweep recorded yet.</em></p>")
-    for sweep in sweeps:
-        rows = [headline(r) for r in sweep.get("records", [])]
-        png = plot_sweep(sweep, out / "results" / f"{sweep['name']}.png")
-        summary["sweeps"].append({"name": sweep["name"], "description": sweep.get("description", ""),
-                                  "records": rows,
-                                  "plot": png.relative_to(out).as_posix() if png else None})
-        parts.append(f'<h2 id="{html.escape(sweep["name"])}">{html.escape(sweep["name"])}</h2>')
-        if sweep.get("description"):
-            parts.append(f"<p>{html.escape(sweep['description'])}</p>")
-        if not rows:
-            cmds = "".join(f"<li><code>{html.escape(c)}</code></li>"
-                           for c in sweep.get("commands", []))
-            parts.append(f"<p><em>Not run yet</em> (<code>make results</code>).</p><ul>{cmds}</ul>")
-            continue
-        if png is not None:
-            parts.append(f'<img src="{png.relative_to(out).as_posix()}" alt="plot of '
-                         f'{html.escape(sweep["name"])}">')
-        keys = [k for k in dict.fromkeys(k for r in rows for k in r)
-                if k != "command" and any(r.get(k) is not None for r in rows)]
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in keys)
-                       + f"<td><code>{html.escape(r.get('command', ''))}</code></td></tr>"
-                       for r in rows)
-        parts.append(f'<div class="scroll"><table class="results"><thead><tr>{head}'
-                     f"<th>command</th></tr></thead><tbody>{body}</tbody></table></div>")
-    write_json(summary, out / "results.json")
-    write_text(_page("Results", "\n".join(parts), STATIC), out / "results.html")
-    return summary
-
-
-def render_index(out, entries: list[dict], *, fast: bool = False) -> Path:
+def render_index(out, entries: list[dict], *, fast: bool = False, web_assets: bool = True) -> Path:
     """``out/index.html``: lessons, labs and exercise sheets with their status and run time.
 
     ``entries``: dicts with ``folder``, ``name``, ``title``, ``html`` (relative link or None),
@@ -311,6 +296,8 @@ def render_index(out, entries: list[dict], *, fast: bool = False) -> Path:
     parts = ["<h1>edgellm: compressing and deploying LLMs on the edge</h1>",
              f"<p>Executed {'in FAST mode' if fast else 'in full mode'} on the real default model; "
              "every page works offline. <a href=\"results.html\">All recorded results</a>.</p>"]
+    if not web_assets:
+        parts.insert(0, no_assets_note())
     for folder, heading in sections.items():
         rows = [e for e in entries if e["folder"] == folder]
         if not rows:
@@ -330,38 +317,6 @@ def render_index(out, entries: list[dict], *, fast: bool = False) -> Path:
     parts.append('<h2>Results</h2><p><a href="results.html">Recorded sweeps: headline numbers '
                  "and plots</a></p>")
     return write_text(_page("edgellm course", "\n".join(parts), STATIC), out / "index.html")
-
-
-def render_course(out, runs: list[dict], *, fast: bool = False, exercises_dir=None,
-                  web_assets: bool = True) -> dict:
-    """Render executed notebooks, copy the exercise sheets, write results and index pages.
-
-    ``runs``: dicts ``{"folder", "name", "ipynb" (executed notebook path), "status", "seconds"}``.
-    Returns the course summary (also in ``out/results.json``).
-    """
-    import nbformat
-
-    out = Path(out)
-    copy_assets(out)
-    entries = []
-    for r in runs:
-        ipynb = Path(r["ipynb"])
-        entry = {**r, "ipynb": ipynb.relative_to(out).as_posix() if ipynb.is_relative_to(out)
-                 else str(ipynb), "html": None, "title": r["name"]}
-        if ipynb.is_file():
-            nb = nbformat.read(ipynb, as_version=4)
-            entry["title"] = notebook_title(nb, r["name"])
-            dest = out / r["folder"] / f"{r['name']}.html"
-            render_notebook(nb, dest, out)
-            entry["html"] = dest.relative_to(out).as_posix()
-        entries.append(entry)
-    ex_dir = Path(exercises_dir) if exercises_dir is not None else root() / "exercises"
-    for sheet in sorted(ex_dir.glob("[0-9][0-9]_*.ipynb")):
-        (out / "exercises").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(sheet, out / "exercises" / sheet.name)
-    summary = render_results(out, notebooks=entries)
-    render_index(out, entries, fast=fast)
-    return summary
 
 
 COURSE_CSS = """\

@@ -6,6 +6,8 @@ Tests run notebooks in FAST mode; ``edgellm course run`` runs them in full mode.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.paths import root
@@ -57,6 +59,64 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
     return nb
 
 
+@dataclass
+class NotebookRun:
+    """An executed notebook: the notebook, its errors in cell order, the wall time."""
+    path: Path
+    nb: object
+    errors: list[dict]           # [{"cell", "ename", "evalue"}]
+    seconds: float
+    stopped: bool                # True when execution stopped at the first error
+
+
+def run_notebook(path, out=None, *, fast: bool = True, stop_on_error: bool = False,
+                 env: dict | None = None, timeout: int = 900) -> NotebookRun:
+    """Execute a notebook in a fresh kernel (via :func:`edgellm.course.run.execute_notebook`).
+
+    ``stop_on_error=False`` runs every cell and collects the errors; ``True`` stops at the first.
+    ``env`` sets extra environment variables for the kernel (e.g. ``{"EDGELLM_PERTURB": "1.01"}``).
+    """
+    import tempfile
+
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+
+    path = Path(path)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    t0 = time.perf_counter()
+    stopped = False
+    with tempfile.TemporaryDirectory(prefix="edgellm-run-") as tmp:
+        # a run that stops at an error raises; the executed copy written to `dest` keeps its cells
+        dest = Path(out) if out is not None else Path(tmp) / path.name
+        try:
+            nb = execute_notebook(path, dest, fast=fast, timeout=timeout,
+                                  allow_errors=not stop_on_error)
+        except CellExecutionError:
+            stopped = True
+            nb = nbformat.read(dest, as_version=4)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return NotebookRun(path=path, nb=nb, errors=errors_of(nb), seconds=time.perf_counter() - t0,
+                       stopped=stopped)
+
+
+def errors_of(nb) -> list[dict]:
+    """Every error output of an executed notebook, in cell order."""
+    out = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                out.append({"cell": i, "ename": o.get("ename"), "evalue": o.get("evalue")})
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # `make course`: execute every notebook, render the browsable HTML course with a results page
 
@@ -70,9 +130,11 @@ def run_course(out, *, fast: bool = False, only: str | None = None, render: bool
     A notebook that fails is still rendered (its page shows the error) and makes the exit code 1.
     ``only`` keeps the notebooks whose name contains it (e.g. ``"01_"``).
     """
-    from edgellm.course.labs import run_notebook
-
     out = Path(out)
+    if render and web_assets:             # fail (or install with npm) before the long execution
+        from edgellm.course.render import ensure_assets
+
+        ensure_assets()
     runs, failed = [], 0
     nbs = [p for p in course_notebooks() if only is None or only in p.name]
     for i, path in enumerate(nbs, 1):
@@ -93,7 +155,7 @@ def run_course(out, *, fast: bool = False, only: str | None = None, render: bool
         runs.append({"folder": folder, "name": path.stem, "ipynb": str(dest), "status": status,
                      "seconds": round(run.seconds, 1), "budget_seconds": budget})
     if render:
-        from edgellm.course.render import render_course
+        from edgellm.course.build import render_course
 
         render_course(out, runs, fast=fast, web_assets=web_assets)
         print(f"course: {out / 'index.html'}  results: {out / 'results.html'}")

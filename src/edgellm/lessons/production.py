@@ -20,11 +20,13 @@ def record_key(rec: dict) -> str:
 
 def production_rows(records: list[dict]) -> list[dict]:
     """One row per record: quality (ppl, ΔNLL ± se, KL, top-1), memory (MB, as loaded and at
-    run time), speed (batched prefill and batch-1 decode tokens/s, each with its ratio to fp32
-    measured in the same run), load seconds."""
+    run time), speed (``prefill_tokens_per_s`` batched and ``decode_tokens_per_s`` batch-1, each
+    with its ratio to fp32 measured in the same run, and the protocol names from the record's
+    ``speed_protocol``), load seconds."""
     rows = []
     for r in records:
-        tps, base = r.get("tokens_per_s"), r.get("tokens_per_s_base")
+        tps, base = r.get("prefill_tokens_per_s"), r.get("prefill_tokens_per_s_base")
+        protocols = r.get("speed_protocol") or {}
         dec, dec_base = r.get("decode_tokens_per_s"), r.get("decode_tokens_per_s_base")
         rows.append({
             "key": record_key(r), "library": r.get("library"), "mode": r["mode"],
@@ -36,8 +38,10 @@ def production_rows(records: list[dict]) -> list[dict]:
             "memory_mb_base": r["memory_bytes_base"] / 1e6,
             "linears_mb": r.get("memory_bytes_linears", 0) / 1e6,
             "size_mb": r.get("size_bytes", r["memory_bytes"]) / 1e6,
-            "tokens_per_s": tps, "speed_vs_fp32": tps / base if tps and base else None,
+            "prefill_tokens_per_s": tps, "speed_vs_fp32": tps / base if tps and base else None,
+            "prefill_protocol": protocols.get("prefill_tokens_per_s", {}).get("name"),
             "decode_tokens_per_s": dec,
+            "decode_protocol": protocols.get("decode_tokens_per_s", {}).get("name"),
             "decode_vs_fp32": dec / dec_base if dec and dec_base else None,
             "seconds_load": r.get("seconds_load")})
     return rows
@@ -56,7 +60,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['key']:<26}{f(r['ppl'], '.3f'):>8}{f(r['delta_nll'], '+.4f'):>9}"
             f"{f(r['delta_nll_stderr'], '.4f'):>7}{f(r['kl_mean'], '.4f'):>8}"
             f"{f(r['top1_agreement'], '.3f'):>7}{r['size_mb']:>8.1f}{r['memory_mb_runtime']:>8.1f}"
-            f"{f(r['tokens_per_s'], '.1f'):>8}{f(r['speed_vs_fp32'], '.2f'):>7}"
+            f"{f(r['prefill_tokens_per_s'], '.1f'):>8}{f(r['speed_vs_fp32'], '.2f'):>7}"
             f"{f(r['decode_tokens_per_s'], '.1f'):>8}{f(r['decode_vs_fp32'], '.2f'):>7}"
             f"{f(r['n_tokens'], 'd'):>7}")
     return "\n".join(lines)
@@ -104,12 +108,14 @@ def describe(records: list[dict], key: str) -> str:
                      f"{row['n_tokens']} tokens")
     lines.append(f"memory  : {row['size_mb']:.1f} MB stored, {row['memory_mb_runtime']:.1f} MB "
                  f"while running, fp32 {row['memory_mb_base']:.1f} MB")
-    if row["tokens_per_s"] is not None:
-        lines.append(f"prefill : {row['tokens_per_s']:.1f} tokens/s = {row['speed_vs_fp32']:.2f}"
-                     f" x fp32 (same run), load {row['seconds_load']:.1f} s")
+    if row["prefill_tokens_per_s"] is not None:
+        lines.append(f"prefill : {row['prefill_tokens_per_s']:.1f} tokens/s = "
+                     f"{row['speed_vs_fp32']:.2f} x fp32 (same run, protocol "
+                     f"{row['prefill_protocol']}), load {row['seconds_load']:.1f} s")
         if row["decode_tokens_per_s"] is not None:
             lines.append(f"decode  : {row['decode_tokens_per_s']:.1f} tokens/s = "
-                         f"{row['decode_vs_fp32']:.2f} x fp32 (batch 1, KV cache, same run)")
+                         f"{row['decode_vs_fp32']:.2f} x fp32 (batch 1, KV cache, same run, "
+                         f"protocol {row['decode_protocol']})")
     else:
         lines.append("speed   : fake-quantized fp32 weights (our code): fp32 speed")
     lines.append(f"layout  : {layout['text']}")

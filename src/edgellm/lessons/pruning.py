@@ -88,10 +88,19 @@ def plot_sweep(records: list[dict], *, live: dict | None = None, ax=None):
     return ax
 
 
+def speedup(r: dict) -> float:
+    """Pruned over unpruned prefill speed of one ``edgellm prune`` record: the paired protocol's
+    ``speedup`` (median of per-pair ratios) when recorded, else the ratio of the two tokens/s
+    (committed records measured before it)."""
+    if r.get("speedup") is not None:
+        return r["speedup"]
+    return r["prefill_tokens_per_s"] / r["prefill_tokens_per_s_base"]
+
+
 def structured_rows(records: list[dict]) -> list[dict]:
     """One row per structured ``edgellm prune`` record: what was removed, parameters, bytes,
-    forward tokens/s (pruned and unpruned, measured back to back) and perplexity unpruned /
-    after pruning / after recovery, with the fine-tuned unpruned control.
+    prefill tokens/s (pruned and unpruned; ``speed_protocol`` names how they were timed) and
+    perplexity unpruned / after pruning / after recovery, with the fine-tuned unpruned control.
 
     ``ppl_pruned`` is the perplexity before recovery (``ppl_before_recovery`` when recovery
     ran, else ``ppl``); ``ppl_recovered`` is ``ppl`` after recovery (None without it).
@@ -105,8 +114,11 @@ def structured_rows(records: list[dict]) -> list[dict]:
             "removed": f"{r['structured']} {r['ratio']:.0%}",
             "n_params": r["n_params"], "params_%": 100 * r["n_params"] / r["n_params_base"],
             "size_bytes": r["size_bytes"],
-            "tokens_per_s": r["tokens_per_s"], "tokens_per_s_base": r["tokens_per_s_base"],
-            "speedup": r["tokens_per_s"] / r["tokens_per_s_base"],
+            "prefill_tokens_per_s": r["prefill_tokens_per_s"],
+            "prefill_tokens_per_s_base": r["prefill_tokens_per_s_base"],
+            "speedup": speedup(r),
+            "speed_protocol": (r.get("speed_protocol") or {}).get(
+                "prefill_tokens_per_s", {}).get("name"),
             "ppl_base": r["ppl_base"],
             "ppl_pruned": r["ppl_before_recovery"] if recovered else r["ppl"],
             "ppl_recovered": r["ppl"] if recovered else None,

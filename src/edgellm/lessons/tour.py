@@ -53,10 +53,11 @@ def bits_per_weight(fmt: str = "int4", *, group_size: int | None = None, scale_b
     """
     if fmt not in FORMAT_BITS:
         raise LessonError(f"unknown format {fmt!r}; use one of {', '.join(FORMAT_BITS)}")
-    bits = float(FORMAT_BITS[fmt])
-    if group_size:
-        bits += scale_bits * (2 if with_min else 1) / group_size
-    return bits
+    if not group_size:
+        return float(FORMAT_BITS[fmt])
+    from edgellm.quant.size import bpw
+
+    return bpw(FORMAT_BITS[fmt], group_size, scale_bits, scale_bits if with_min else 0)
 
 
 def weight_bytes(n_params: int, fmt: str = "int4", **kwargs) -> float:

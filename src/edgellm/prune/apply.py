@@ -7,17 +7,34 @@ directly.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED = ("heads", "channels", "layers")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_model` did.
+
+    ``info``      JSON-ready record: the settings, ``sparsity`` (over the decoder linears),
+                  ``sparsity_layers`` ``{name: sparsity}``, ``sparsity_min`` / ``_max``,
+                  ``seconds_prune`` and what a structured method reports (kept heads …)
+    """
+
+    info: dict
+
+    @property
+    def sparsity(self) -> float:
+        return self.info["sparsity"]
 
 
 def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | None = None,
                 nm: tuple[int, int] | None = None, scope: str = "row",
                 structured: str | None = None, ratio: float = 0.2, granularity: str = "query",
                 calib: str = "pydoc", n_samples: int = 32, seq_len: int = 512, seed: int = 0,
-                progress: bool = False) -> dict:
-    """Prune ``model`` in place by name; return a JSON-ready summary (achieved sparsity etc.).
+                progress: bool = False) -> PruneResult:
+    """Prune ``model`` in place by name; return a :class:`PruneResult` (achieved sparsity etc.).
 
     The library entry point behind ``edgellm prune`` (the lesson calls it too).  Without
     ``structured``, ``sparsity`` defaults to 0.5.
@@ -45,9 +62,9 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
     if structured:
         from edgellm.prune.structured import apply_structured
 
-        kw = {"granularity": granularity} if structured == "heads" else {}
         s_ids = ids if (method != "magnitude" or structured == "layers") else None
-        sinfo = apply_structured(model, s_ids, structured, ratio, **kw)
+        sinfo = apply_structured(model, s_ids, kind=structured, ratio=ratio,
+                                 granularity=granularity)
         info.update({k: v for k, v in sinfo.items() if k not in ("structured", "ratio")})
     if sparsity is not None or nm is not None:
         from edgellm.prune.layers import check_target, prunable_linears
@@ -74,6 +91,6 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
     per = stats["layers"]
     info.update(sparsity=stats["sparsity"], sparsity_layers=per,
                 sparsity_min=min(per.values()), sparsity_max=max(per.values()))
-    return info
+    return PruneResult(info)
 
 

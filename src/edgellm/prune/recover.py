@@ -17,11 +17,11 @@ the dense model), so that recovery is not confused with adaptation to the corpus
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from edgellm.models import LINEAR_ROLES
 from edgellm.prune.masks import PruneError
+from edgellm.train import TrainResult, train, train_windows  # noqa: F401  (train_windows re-exported)
 
 
 def zero_masks(model) -> dict[str, torch.Tensor]:
@@ -31,79 +31,52 @@ def zero_masks(model) -> dict[str, torch.Tensor]:
     return {n: lin.weight.detach() != 0 for n, lin in prunable_linears(model).items()}
 
 
-def train_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``n`` random windows (n, seq_len) of a 1-D token tensor, reproducible by ``seed``."""
-    if len(tokens) <= seq_len:
-        raise PruneError(f"{len(tokens)} training tokens are too few for seq_len={seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - seq_len, (n,), generator=g)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+def reapply_masks(model, masks: dict[str, torch.Tensor]) -> None:
+    """Set the pruned weights (``False`` in ``masks[name]``) back to exactly zero, in place."""
+    from edgellm.prune.layers import prunable_linears
+
+    with torch.no_grad():
+        for n, lin in prunable_linears(model).items():
+            lin.weight.mul_(masks[n])
 
 
 def finetune(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
              seq_len: int = 256, lr: float | None = None, lora: bool = False, lora_r: int = 8,
              masks: dict[str, torch.Tensor] | None = None, seed: int = 0,
-             progress: bool = False) -> dict:
-    """Fine-tune ``model`` in place for ``steps`` AdamW steps of next-token loss.
+             progress: bool = False) -> TrainResult:
+    """Fine-tune a pruned ``model`` in place for ``steps`` AdamW steps of next-token loss
+    (:func:`edgellm.train.train`); return its :class:`~edgellm.train.TrainResult`.
 
     ``tokens`` 1-D LongTensor (the train split); batches are ``batch_size`` random windows of
     ``seq_len`` tokens (the same windows for the same ``seed``, so a control run sees the same
     data).  ``lr`` defaults to 2e-5 (plain) or 2e-4 (LoRA).  ``masks`` ``{name: keep-mask}``
-    keep pruned weights at zero.  Returns losses per step, seconds, trainable parameters.
+    keep pruned weights at zero (after every step; with LoRA, after merging).
     """
-    from edgellm.prune.layers import prunable_linears
-
     if steps < 0:
         raise PruneError(f"steps={steps} must be >= 0")
-    if steps == 0:
-        return {"steps": 0, "losses": [], "seconds": 0.0, "trainable_params": 0}
-    torch.manual_seed(seed)
     lr = (2e-4 if lora else 2e-5) if lr is None else lr
-    data = train_windows(tokens, steps * batch_size, seq_len, seed)  # (steps·B, T)
+    if steps == 0:
+        return TrainResult(steps=0, lr=lr, batch_size=batch_size, seq_len=seq_len)
+    torch.manual_seed(seed)  # LoRA's adapters are initialised from it
     target = model
     if lora:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, bias="none",
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                         "up_proj", "down_proj"])
+                         target_modules=list(LINEAR_ROLES))
         target = get_peft_model(model, cfg)
-        params = [p for p in target.parameters() if p.requires_grad]
-    else:
+    else:  # every decoder weight; the tied embedding / lm_head stays frozen
         for name, p in model.named_parameters():
             p.requires_grad_(not ("embed" in name or "lm_head" in name))
-        params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lins = prunable_linears(model) if masks else {}
-    losses, t0 = [], time.perf_counter()
-    target.train()
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="recover", leave=False)
+    keep_zeros = (lambda m: reapply_masks(model, masks)) if masks and not lora else None
     try:
-        for step in it:
-            ids = data[step * batch_size:(step + 1) * batch_size]  # (B, T)
-            loss = target(input_ids=ids, labels=ids, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if masks and not lora:
-                with torch.no_grad():
-                    for n, lin in lins.items():
-                        lin.weight.mul_(masks[n])  # pruned weights back to exactly zero
-            losses.append(loss.item())
+        result = train(target, tokens, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                       after_step=keep_zeros, seed=seed, progress=progress, desc="recover")
     finally:
-        target.eval()
         for p in model.parameters():
             p.requires_grad_(False)
     if lora:
         model = target.merge_and_unload()
         if masks:
-            with torch.no_grad():
-                for n, lin in prunable_linears(model).items():
-                    lin.weight.mul_(masks[n])
-    return {"steps": steps, "losses": losses, "seconds": time.perf_counter() - t0,
-            "trainable_params": sum(p.numel() for p in params), "lr": lr, "lora": lora,
-            "batch_size": batch_size, "seq_len": seq_len}
+            reapply_masks(model, masks)
+    return result

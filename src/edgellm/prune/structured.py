@@ -32,19 +32,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgellm.calib import check_calibration, decoder_layers
+from edgellm.calib import capture_inputs, check_calibration
+from edgellm.models import LINEAR_ROLES, decoder_layers, layer_prefix, linears_by_role
 from edgellm.prune.masks import PruneError
 
 
-def _forward_with_hooks(model, ids: torch.Tensor, batch_size: int, handles) -> int:
-    """Run the calibration batches through the model once, then remove the hooks; tokens seen."""
-    try:
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i:i + batch_size], use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+def _forward(model, ids: torch.Tensor, batch_size: int) -> int:
+    """Run the calibration batches through the model once (for its hooks); tokens seen."""
+    for i in range(0, len(ids), batch_size):
+        model(input_ids=ids[i:i + batch_size], use_cache=False, logits_to_keep=1)
     return ids.numel()
+
+
+def _role_name(index: int, role: str) -> str:
+    """Full module name of a linear by layer and role: ``model.layers.3.mlp.down_proj``."""
+    return layer_prefix(index) + LINEAR_ROLES[role]
 
 
 def _check_ratio(ratio: float, what: str) -> float:
@@ -70,21 +72,19 @@ def input_energy(model, calib=None, *, batch_size: int = 4) -> dict[str, torch.T
     One dense forward pass over ``calib`` (n_samples, seq_len) with hooks; with ``calib=None``
     every channel gets 1 (scores then depend on the weights only).
     """
-    targets = {n: m for n, m in model.named_modules()
-               if n.endswith(("self_attn.o_proj", "mlp.down_proj"))}
+    targets = {_role_name(i, role): linears_by_role(layer)[role]
+               for i, layer in enumerate(decoder_layers(model)) for role in ("o_proj", "down_proj")}
     if calib is None:
         return {n: torch.ones(m.in_features) for n, m in targets.items()}
     ids = check_calibration(calib)
     sums = {n: torch.zeros(m.in_features) for n, m in targets.items()}
 
-    def hook(name):
-        def fn(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B·T, in)
-            sums[name] += x.square().sum(0)
-        return fn
+    def on_input(name, x):
+        x = x.reshape(-1, x.shape[-1]).float()  # (B·T, in)
+        sums[name] += x.square().sum(0)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
-    n_tok = _forward_with_hooks(model, ids, batch_size, handles)
+    with capture_inputs(targets, on_input):
+        n_tok = _forward(model, ids, batch_size)
     return {n: s / n_tok for n, s in sums.items()}
 
 
@@ -106,9 +106,13 @@ def block_influence(model, calib, *, batch_size: int = 4) -> torch.Tensor:
             sums[index] += (1 - cos).double().sum()
         return fn
 
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True)
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True)  # outputs too: own hook
                for i, layer in enumerate(layers)]
-    n_tok = _forward_with_hooks(model, ids, batch_size, handles)
+    try:
+        n_tok = _forward(model, ids, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
     return (sums / n_tok).float()
 
 
@@ -175,7 +179,7 @@ def prune_channels(model, calib=None, ratio: float = 0.2, *, multiple_of: int = 
     energy = input_energy(model, calib, batch_size=batch_size)
     for i, layer in enumerate(decoder_layers(model)):
         mlp = layer.mlp
-        e = energy[f"model.layers.{i}.mlp.down_proj"]
+        e = energy[_role_name(i, "down_proj")]
         idx = _keep_top(channel_scores(mlp.down_proj.weight, e), keep)  # (keep,)
         mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
         mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
@@ -224,7 +228,7 @@ def prune_heads(model, calib=None, ratio: float = 1 / 3, *, granularity: str = "
     energy = input_energy(model, calib, batch_size=batch_size)
     for i, layer in enumerate(decoder_layers(model)):
         attn = layer.self_attn
-        s = head_scores(attn.o_proj.weight, energy[f"model.layers.{i}.self_attn.o_proj"], hd)
+        s = head_scores(attn.o_proj.weight, energy[_role_name(i, "o_proj")], hd)
         s = s.view(n_kv, rep)  # (n_kv, rep) query heads grouped by their KV head
         if granularity == "query":
             kv_keep = torch.arange(n_kv)
@@ -294,9 +298,14 @@ def prune_layers(model, calib, ratio: float = 0.2, *, batch_size: int = 4) -> di
     return info
 
 
-def apply_structured(model, calib=None, kind: str = "layers", ratio: float = 0.2, **kwargs) -> dict:
-    """Dispatch on ``kind`` in {"heads", "channels", "layers"}; prunes ``model`` in place."""
-    fns = {"heads": prune_heads, "channels": prune_channels, "layers": prune_layers}
-    if kind not in fns:
-        raise PruneError(f"structured={kind!r}: use one of {', '.join(fns)}")
-    return fns[kind](model, calib, ratio, **kwargs)
+def apply_structured(model, calib=None, *, kind: str = "layers", ratio: float = 0.2,
+                     granularity: str = "query", batch_size: int = 4) -> dict:
+    """Prune ``model`` in place by ``kind`` in {"heads", "channels", "layers"}; return what was
+    removed (``granularity`` applies to heads only)."""
+    if kind == "heads":
+        return prune_heads(model, calib, ratio, granularity=granularity, batch_size=batch_size)
+    if kind == "channels":
+        return prune_channels(model, calib, ratio, batch_size=batch_size)
+    if kind == "layers":
+        return prune_layers(model, calib, ratio, batch_size=batch_size)
+    raise PruneError(f"structured={kind!r}: use one of heads, channels, layers")

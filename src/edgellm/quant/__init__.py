@@ -18,9 +18,13 @@ Importing the package imports none of its modules (and no backend library):
 - :mod:`edgellm.quant.rotate`   Hadamard / random orthogonal rotation folded into the weights
 - :mod:`edgellm.quant.kv`       KV-cache quantization where attention reads the cache
 - :mod:`edgellm.quant.lwc`      OmniQuant-style learnable weight clipping (and its clip cache)
-- :mod:`edgellm.quant.production`  bitsandbytes and torchao on the model, memory and speed
-- :mod:`edgellm.lessons.weight_quant`, :mod:`edgellm.lessons.act_quant`  lessons 03/04's recorded results
-- :mod:`edgellm.quant.apply`      ``edgellm quantize`` (and ``quantize_model`` for notebooks)
+- :mod:`edgellm.quant.gptq`, :mod:`~edgellm.quant.awq`, :mod:`~edgellm.quant.imatrix`,
+  :mod:`~edgellm.quant.mixed`  calibrated weight quantizers (on :mod:`edgellm.calib` and
+  :mod:`edgellm.hessian`)
+- :mod:`edgellm.quant.blockwise`  our NF4 / FP4 / INT4 block formats and double quantization
+- :mod:`edgellm.quant.backends`  bitsandbytes and torchao on the model
+- :mod:`edgellm.quant.result`   ``QuantResult``: what every ``apply_*`` quantizer returns
+- :mod:`edgellm.quant.apply`    ``quantize_model``: the entry point ``edgellm quantize`` calls
 
 The tied embedding / lm_head is never quantized by these tools; sizes report it separately
 (``rotate`` unties it, since the final norm is folded into lm_head but not into the embedding).

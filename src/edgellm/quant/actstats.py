@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgellm.calib import capture_inputs
+
 QUANTILES = (0.5, 0.99, 0.999)
 
 
@@ -123,32 +125,25 @@ def massive_activations(h: torch.Tensor, abs_threshold: float = 100.0, ratio: fl
     return {"max": float(vals[0]) if k else 0.0, "median": median, "entries": entries}
 
 
-class _InputHooks:
-    """Forward hooks on linears that reduce each distinct input tensor once per forward pass.
+class _SharedReduction:
+    """Reduce each distinct input tensor once per forward pass, for linears fed by one tensor.
 
-    Linears fed the same tensor (q/k/v, gate/up) share one record.  ``reduce(x) -> state``
-    and ``merge(state, x)`` are the reduction; ``self.records[name]`` its result.
+    Linears fed the same tensor (q/k/v, gate/up) share one record.  ``reduce(state, x) ->
+    state`` is the reduction; ``self.records[name]`` its result.  Pass :meth:`on_input` to
+    :func:`edgellm.calib.capture_inputs`; call :meth:`new_pass` before each batch.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], reduce):
+    def __init__(self, reduce):
         self.reduce, self.records, self.seen = reduce, {}, {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
 
-    def _hook(self, name):
-        def fn(module, args, output):
-            x = args[0]
-            key = id(x)
-            if key not in self.seen:  # first linear to see this tensor in this pass
-                self.seen[key] = (x, self.reduce(self.records.get(name), x))
-            self.records[name] = self.seen[key][1]
-        return fn
+    def on_input(self, name, x):
+        key = id(x)
+        if key not in self.seen:  # first linear to see this tensor in this pass
+            self.seen[key] = (x, self.reduce(self.records.get(name), x))  # x kept: id unique
+        self.records[name] = self.seen[key][1]
 
     def new_pass(self):
         self.seen.clear()
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _forward_batches(model, ids: torch.Tensor, batch_size: int, on_batch=None):
@@ -176,11 +171,9 @@ def input_absmax(model, calib, layers: dict[str, nn.Linear] | None = None, *,
         m = x.detach().reshape(-1, x.shape[-1]).float().abs().amax(0)
         return m if state is None else torch.maximum(state, m)
 
-    hooks = _InputHooks(layers, reduce)
-    try:
+    hooks = _SharedReduction(reduce)
+    with capture_inputs(layers, hooks.on_input):
         _forward_batches(model, ids, batch_size, on_batch=lambda i: hooks.new_pass())
-    finally:
-        hooks.remove()
     return hooks.records
 
 
@@ -205,8 +198,8 @@ def collect_activation_stats(model, ids, *, layers: dict[str, nn.Linear] | None 
                 sequence index in ``ids`` (the median is averaged over batches)
     ``threshold``, ``n_tokens``
     """
-    from edgellm.calib import check_calibration, decoder_layers
-    from edgellm.models import linear_layers
+    from edgellm.calib import check_calibration
+    from edgellm.models import decoder_layers, linear_layers
 
     ids = check_calibration(ids)
     layers = linear_layers(model) if layers is None else layers
@@ -225,7 +218,7 @@ def collect_activation_stats(model, ids, *, layers: dict[str, nn.Linear] | None 
             state["sample"] = torch.cat([state["sample"], A[:need]])
         return state
 
-    hooks = _InputHooks(layers, reduce)
+    hooks = _SharedReduction(reduce)
     offset = [0]
     hid: dict[int, dict] = {}
     handles = []
@@ -257,10 +250,10 @@ def collect_activation_stats(model, ids, *, layers: dict[str, nn.Linear] | None 
         offset[0] = i
 
     try:
-        _forward_batches(model, ids, batch_size, on_batch=on_batch)
+        with capture_inputs(layers, hooks.on_input):
+            _forward_batches(model, ids, batch_size, on_batch=on_batch)
     finally:
-        hooks.remove()
-        for h in handles:
+        for h in handles:  # the decoder layers' outputs: not inputs, their own hooks
             h.remove()
 
     inputs, done = {}, {}

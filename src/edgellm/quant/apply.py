@@ -9,60 +9,27 @@ directly.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import time
 
+from edgellm.quant.result import QuantResult
+
 METHODS = ("rtn", "gptq", "awq", "imatrix", "gguf", "smoothquant", "llm_int8", "rotate", "lwc")
-CALIBRATED = {"gptq": "apply_gptq", "awq": "apply_awq", "imatrix": "apply_imatrix",
-              "lwc": "apply_lwc"}
+CALIBRATED = ("gptq", "awq", "imatrix", "lwc")  # weight quantizers that need calibration inputs
 A_FORMATS = ("int", "fp8")
-
-
-def _import_method(module: str, func: str):
-    try:
-        mod = importlib.import_module(f"edgellm.quant.{module}")
-    except ModuleNotFoundError as e:
-        from edgellm.quant.qtensor import QuantError
-
-        raise QuantError(f"method {module!r} is not available in this installation "
-                         f"(edgellm.quant.{module} is missing: {e})") from None
-    return getattr(mod, func)
-
-
-def _jsonable(d: dict) -> dict:
-    """The JSON-friendly part of a method's info dict (numbers, strings, lists; no tensors)."""
-    ok = (int, float, str, bool, type(None))
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, ok):
-            out[str(k)] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, ok) for x in v):
-            out[str(k)] = list(v)
-        elif isinstance(v, dict):
-            sub = _jsonable(v)
-            if sub:
-                out[str(k)] = sub
-    return out
-
-
-def _call(fn, model, calib, **kwargs):
-    """Call an apply_* function with the keyword arguments it accepts."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(model, calib, **kwargs) if calib is not None else fn(model, **kwargs)
 
 
 def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: str = "int",
                   a_static: bool = False, alpha: float = 0.5, kv_bits: int | None = None,
                   threshold: float | None = 6.0, bpw_budget: float | None = None,
-                  qtype: str = "Q4_0") -> None:
+                  qtype: str = "Q4_0", bits: int = 4) -> None:
     """Reject bad combinations before any work (raises :class:`QuantError`)."""
     from edgellm.quant.qtensor import QuantError
+    from edgellm.quant.rtn import check_bits
 
     if method not in METHODS:
         raise QuantError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in ("gguf", "llm_int8"):  # these two fix their own bits
+        check_bits(bits)
     if method == "gguf":
         from edgellm.quant.gguf_formats import GGUF_TYPES
 
@@ -97,25 +64,68 @@ def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: s
                          "(or 16 = fp16)")
 
 
+def quantize_weights(model, calib, *, method: str = "rtn", bits: int = 4,
+                     group_size: int | None = 64, sym: bool = False,
+                     bpw_budget: float | None = None, progress: bool = False) -> QuantResult:
+    """Quantize the decoder's linear weights by method name (explicit dispatch); a
+    :class:`QuantResult`.  ``calib`` (n_samples, seq_len) token ids for the calibrated
+    methods and for a ``bpw_budget`` (mixed precision with RTN or GPTQ); ``None`` otherwise.
+    ``smoothquant`` and ``rotate`` weights are quantized by RTN after their transform."""
+    from edgellm.quant.qtensor import QuantError
+
+    common = dict(bits=bits, group_size=group_size, sym=sym, progress=progress)
+    if bpw_budget is not None:
+        from edgellm.quant.mixed import apply_mixed
+
+        return apply_mixed(model, calib, bpw_budget=bpw_budget, method=method,
+                           group_size=group_size, sym=sym, progress=progress)
+    if method in ("rtn", "smoothquant", "rotate"):
+        from edgellm.quant.rtn import apply_rtn
+
+        return apply_rtn(model, **common)
+    if method == "gptq":
+        from edgellm.quant.gptq import apply_gptq
+
+        return apply_gptq(model, calib, **common)
+    if method == "awq":
+        from edgellm.quant.awq import apply_awq
+
+        return apply_awq(model, calib, **common)
+    if method == "imatrix":
+        from edgellm.quant.imatrix import apply_imatrix
+
+        return apply_imatrix(model, calib, **common)
+    if method == "lwc":
+        from edgellm.quant.lwc import apply_lwc
+
+        return apply_lwc(model, calib, **common)
+    raise QuantError(f"unknown weight quantization method {method!r}; use one of "
+                     f"rtn, smoothquant, rotate, {', '.join(CALIBRATED)}")
+
+
 def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
                    group_size: int | None = 64, sym: bool = False, qtype: str = "Q4_0",
                    bpw_budget: float | None = None, calib: str = "pydoc", n_samples: int = 128,
                    seq_len: int = 512, seed: int = 0, progress: bool = False,
                    a_bits: int | None = None, a_format: str = "int", a_static: bool = False,
                    alpha: float = 0.5, kv_bits: int | None = None,
-                   threshold: float | None = 6.0):
-    """Quantize ``model`` in place by method name; return ``(qtensors, info)``.
+                   threshold: float | None = 6.0) -> QuantResult:
+    """Quantize ``model`` in place by method name; return a :class:`QuantResult`.
 
     The library entry point behind ``edgellm quantize`` (notebooks call it too).  Order:
     rotation / smoothing (function-preserving transforms), weight quantization, then the
-    activation (``a_bits``) and KV-cache (``kv_bits``) quantizers wrap the layers.
+    activation (``a_bits``) and KV-cache (``kv_bits``) quantizers wrap the layers.  The
+    result's ``info`` is the JSON-ready record of the run (``method``, ``bits``, …,
+    ``method_info`` for what a method reports about itself, ``seconds_quantize``); LWC's
+    learned clipping strengths are its ``clips``.
     """
     import torch
 
     from edgellm.quant.rtn import check_bits
 
     check_options(method, a_bits=a_bits, a_format=a_format, a_static=a_static, alpha=alpha,
-                  kv_bits=kv_bits, threshold=threshold, bpw_budget=bpw_budget)
+                  kv_bits=kv_bits, threshold=threshold, bpw_budget=bpw_budget, qtype=qtype,
+                  bits=bits)
     info = {"method": method, "bits": bits, "group_size": group_size, "sym": sym,
             "a_bits": a_bits, "a_format": a_format if a_bits is not None else None,
             "a_static": a_static if a_bits is not None else None,
@@ -123,6 +133,7 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     ids = None
+    clips = None
 
     def calibration():
         nonlocal ids
@@ -152,35 +163,23 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
         if method in CALIBRATED or bpw_budget is not None or method == "smoothquant":
             calibration()
         if method == "rotate":
-            fn = _import_method("rotate", "apply_rotation")
-            rot = fn(model, kind="hadamard", seed=seed)
+            from edgellm.quant.rotate import apply_rotation
+
             info["rotation"] = "hadamard"
-            if isinstance(rot, dict):
-                info["method_info"] = _jsonable(rot)
+            info["method_info"] = apply_rotation(model, kind="hadamard", seed=seed)
         if method == "smoothquant":
             from edgellm.quant.smoothquant import apply_smoothquant
 
             sq = apply_smoothquant(model, ids, alpha, progress=progress)
             info["act_absmax_before"] = sq["act_absmax_before"]
             info["act_absmax_after"] = sq["act_absmax_after"]
-        common = dict(bits=bits, group_size=group_size, sym=sym, progress=progress)
-        extra: dict = {}  # what a method reports about itself (mixed: the bits per layer)
+        res = quantize_weights(model, ids, method=method, bits=bits, group_size=group_size,
+                               sym=sym, bpw_budget=bpw_budget, progress=progress)
+        qts, clips = res.qtensors, res.clips
         if bpw_budget is not None:
-            fn = _import_method("mixed", "apply_mixed")
-            qts = _call(fn, model, ids, bpw_budget=bpw_budget, method=method, info=extra,
-                        **common)
             info["bpw_budget"] = bpw_budget
-        elif method in ("rtn", "smoothquant", "rotate"):
-            from edgellm.quant.rtn import apply_rtn
-
-            qts = apply_rtn(model, **common)
-        else:
-            qts = _call(_import_method(method, CALIBRATED[method]), model, ids, info=extra,
-                        seed=seed, **common)
-        if extra:
-            info["method_info"] = _jsonable(extra)
-        if "clips" in extra:  # LWC's learned values (tensors): run() saves them with --save-clips
-            info["clips"] = extra["clips"]
+        if res.info:  # what a method reports about itself (mixed: the bits per layer)
+            info["method_info"] = res.info
         if a_bits is not None:
             from edgellm.quant.actquant import apply_act_quant
 
@@ -188,13 +187,12 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
                                  static=a_static, calib=calibration() if a_static else None)
             info["granularity"] = aq["granularity"]
     if kv_bits is not None:
-        fn = _import_method("kv", "apply_kv_quant")
-        kv = fn(model, bits=kv_bits)
-        if isinstance(kv, dict):
-            info["kv_info"] = _jsonable(kv)
+        from edgellm.quant.kv import apply_kv_quant
+
+        info["kv_info"] = apply_kv_quant(model, bits=kv_bits)
     info["seconds_quantize"] = time.perf_counter() - t0
     info["n_layers"] = len(qts)
-    return qts, info
+    return QuantResult(qts, info, clips=clips)
 
 
 def max_weight_change(model, reference) -> float:

@@ -26,18 +26,23 @@ Then a clipping search: per group, shrink the range ``[min, max]`` by ``r`` in
 
 **Objective.**  The paper's code measures the error of the whole attention / MLP block's output
 on calibration tokens, one block forward per grid point.  Here each grid point is scored by the
-exact squared error of the linear layers' outputs over *all* calibration tokens, computed from
-``H = XᵀX``: ``Σ_tokens ‖ΔW x‖² = tr(ΔW H ΔWᵀ)``, which costs ``out · in²`` per point whatever
-the number of tokens (the block objective would cost dozens of model passes on a CPU).  The
-clipping error of a group uses the group's diagonal block of ``H`` the same way.
+exact mean squared error of the linear layers' outputs over *all* calibration tokens, computed
+from ``H = 2 XᵀX / n`` (:mod:`edgellm.hessian`): ``mean_tokens ‖ΔW x‖² = tr(ΔW H ΔWᵀ) / 2``,
+which costs ``out · in²`` per point whatever the number of tokens (the block objective would cost
+dozens of model passes on a CPU).  The clipping error of a group uses the group's diagonal block
+of ``H`` the same way.  (Both searches are argmins, so the scale of ``H`` does not matter.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from edgellm.calib import collect_inputs, layer_linears, sequential, single_thread
+from edgellm import hessian
+from edgellm.calib import collect_inputs, in_model_order, layer_linears, sequential, single_thread
+from edgellm.hessian import layer_error
+from edgellm.models import linears_by_role, producer_pairs
 from edgellm.quant.qtensor import QTensor
+from edgellm.quant.result import QuantResult
 from edgellm.quant.rtn import (
     check_bits,
     check_group_size,
@@ -46,12 +51,6 @@ from edgellm.quant.rtn import (
     minmax_params,
     quantize,
 )
-
-
-def output_sq_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``tr(ΔW H ΔWᵀ)`` with ``ΔW = W − W_hat`` (out, in) and ``H = XᵀX`` (in, in): scalar."""
-    D = W.float() - W_hat.float()
-    return ((D @ H) * D).sum()
 
 
 def _fake_quant(W: torch.Tensor, bits: int, group_size: int | None, sym: bool,
@@ -98,9 +97,10 @@ def search_scale(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tens
                  n_grid: int = 20, scale_dtype: torch.dtype | None = torch.float16):
     """AWQ's grid search for the input-channel scale shared by linears reading the same input.
 
-    ``weights`` list of (out_k, in) matrices; ``H = XᵀX`` (in, in) of their common input;
+    ``weights`` list of (out_k, in) matrices; ``H = 2 XᵀX / n`` (in, in) of their common input;
     ``x_mag`` (in,) mean |x| per input channel.  For ``α = 0, 1/n_grid, …``: ``s = awq_scales``,
-    error ``Σ_k tr(ΔW_k H ΔW_kᵀ)`` with ``ΔW_k = W_k − Q(W_k·s)/s``.
+    error ``Σ_k tr(ΔW_k H ΔW_kᵀ) / 2`` (:func:`edgellm.hessian.layer_error`, the mean squared
+    output error per token) with ``ΔW_k = W_k − Q(W_k·s)/s``.
     Returns ``(s, alpha, errors)``: the best (in,) scale, its α, and the error of every α.
     """
     check_bits(bits)
@@ -111,8 +111,8 @@ def search_scale(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tens
     for k in range(n_grid):
         alpha = k / n_grid
         s = awq_scales(x_mag, alpha)  # (in,)
-        err = sum(output_sq_error(W, _fake_quant(W * s, bits, group_size, sym, scale_dtype) / s,
-                                  H) for W in weights).item()
+        err = sum(layer_error(W, _fake_quant(W * s, bits, group_size, sym, scale_dtype) / s,
+                              H=H) for W in weights).item()
         errors.append(err)
         if err < best[0]:
             best = (err, s, alpha)
@@ -124,10 +124,11 @@ def search_scale_linear(W: torch.Tensor, X: torch.Tensor, bits: int = 4,
                         group_size: int | None = 64, sym: bool = False, n_grid: int = 20):
     """AWQ's scale search for one linear layer from raw inputs ``X`` (tokens, in).
 
-    Returns ``(s, alpha, errors)`` as :func:`search_scale` (errors = Σ_tokens ‖ΔW x‖²).
+    Returns ``(s, alpha, errors)`` as :func:`search_scale` (errors = mean_tokens ‖ΔW x‖²).
     """
     X = X.reshape(-1, X.shape[-1]).float()
-    return search_scale([W], X.T @ X, X.abs().mean(0), bits, group_size, sym, n_grid)
+    return search_scale([W], hessian.from_inputs(X), X.abs().mean(0), bits, group_size, sym,
+                        n_grid)
 
 
 @torch.no_grad()
@@ -138,8 +139,8 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int
     """AWQ's clipping search: the best range ratio per group, (out, G) float32.
 
     Ratios ``1 - i/n_grid`` for ``i < n_grid·max_shrink`` (1 included: never worse than RTN).
-    A group's error is ``Δw_g H_gg Δw_gᵀ``, its output error over the calibration tokens, with
-    ``H_gg`` the group's diagonal block of ``H = XᵀX``.
+    A group's error is ``Δw_g H_gg Δw_gᵀ / 2``, its share of :func:`edgellm.hessian.layer_error`,
+    with ``H_gg`` the group's diagonal block of ``H = 2 XᵀX / n``.
     """
     out, n = W.shape
     g = n if group_size is None else group_size
@@ -152,7 +153,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int
         r = 1 - i / n_grid
         D = Wg - fake_quantize_range(W, bits, group_size, sym, r, scale_dtype).dequantize() \
             .reshape(out, G, g)  # (out, G, g)
-        err = torch.einsum("ogi,gij,ogj->og", D, Hg, D)  # (out, G)
+        err = torch.einsum("ogi,gij,ogj->og", D, Hg, D) / 2  # layer_error per group, (out, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r[better] = r
@@ -163,7 +164,7 @@ def _fold(linears: dict, names: list[str], s: torch.Tensor, prev, H: torch.Tenso
     """Scale the columns of ``names`` by ``s`` and fold ``1/s`` into ``prev``; return new H.
 
     ``prev`` is an RMSNorm (its weight) or a linear (its output rows).  The inputs become
-    ``x/s``, so their Gram matrix becomes ``diag(1/s) H diag(1/s)``.
+    ``x/s``, so their Hessian becomes ``diag(1/s) H diag(1/s)``.
     """
     for n in names:
         linears[n].weight.mul_(s)  # (out, in) * (in,)
@@ -177,53 +178,46 @@ def _fold(linears: dict, names: list[str], s: torch.Tensor, prev, H: torch.Tenso
 
 
 @torch.no_grad()
-def apply_awq(model, calib, bits: int = 4, group_size: int | None = 64, sym: bool = False, *,
+def apply_awq(model, calib, *, bits: int = 4, group_size: int | None = 64, sym: bool = False,
               n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
               scale_dtype: torch.dtype | None = torch.float16, layers=None, batch_size: int = 8,
-              progress: bool = True, info: dict | None = None) -> dict[str, QTensor]:
-    """AWQ-quantize the decoder's linear layers in place; return ``{name: QTensor}``.
+              progress: bool = True) -> QuantResult:
+    """AWQ-quantize the decoder's linear layers in place; return a :class:`QuantResult`.
 
     Besides the linear weights (fake-quantized), the RMSNorm weights and the rows of
     ``up_proj`` (and of ``v_proj`` without GQA) change in place: they absorb the ``1/s``.
     The QTensors are those of the *scaled* weights, i.e. what a packed model stores.
-    ``info`` (a dict), when given, receives the chosen α per scaled group of linears.
+    The result's ``info`` holds the chosen α per scaled group of linears
+    (``{"model.layers.0.self_attn.q_proj/k_proj/v_proj": α, …}``).
     Layers are processed sequentially on the quantized model's activations (see
     :mod:`edgellm.calib`).
     """
     check_bits(bits)
     result: dict[str, QTensor] = {}
-    info = {} if info is None else info
+    info: dict[str, float] = {}
 
     def quantize_layer(index, layer, stream):
         linears = layer_linears(model, index)
-        p = f"model.layers.{index}."
         check_linears(linears, group_size)  # fail early, with the layer's name
         stats = collect_inputs(layer, linears, stream, xtx=True)
-        attn, mlp = layer.self_attn, layer.mlp
-        H = {n: stats[n].xtx for n in linears}  # XᵀX per linear (shared objects for q/k/v...)
-        plan = [  # (linears sharing one input, the op producing that input)
-            ([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
-             layer.input_layernorm),
-            ([p + "mlp.gate_proj", p + "mlp.up_proj"], layer.post_attention_layernorm),
-            ([p + "mlp.down_proj"], mlp.up_proj),
-        ]
-        if attn.v_proj.out_features == attn.o_proj.in_features:  # no GQA: v rows fold into o
-            plan.append(([p + "self_attn.o_proj"], attn.v_proj))
-        for names, prev in plan:
-            if not all(n in linears for n in names):
+        name_of = {id(m): n for n, m in linears.items()}
+        role = {r: name_of[id(m)] for r, m in linears_by_role(layer).items()}  # role -> full name
+        H = {n: stats[n].H for n in linears}  # H = 2XᵀX/n per linear (shared by q/k/v, gate/up)
+        for pair in producer_pairs(layer):
+            if pair.grouped:  # GQA: a value channel feeds several o_proj inputs, no free scale
                 continue
+            names = [role[r] for r in pair.consumers]
             Hn = H[names[0]]
             s, alpha, _ = search_scale([linears[n].weight for n in names], Hn,
                                        stats[names[0]].mean_abs, bits, group_size, sym, n_grid,
                                        scale_dtype)
-            Hs = _fold(linears, names, s, prev, Hn)
+            Hs = _fold(linears, names, s, pair.producer, Hn)
             for n in names:
                 H[n] = Hs
-            info[names[0].rsplit(".", 1)[0] + "." + "/".join(n.rsplit(".", 1)[1]
-                                                             for n in names)] = alpha
+            info[names[0].rsplit(".", 1)[0] + "." + "/".join(pair.consumers)] = alpha
         for name, lin in linears.items():
             r = 1.0
-            if clip and not name.endswith(("q_proj", "k_proj")):
+            if clip and name not in (role["q_proj"], role["k_proj"]):  # errors go through softmax
                 r = search_clip(lin.weight, H[name], bits, group_size, sym, n_grid, max_shrink,
                                 scale_dtype)
             qt = fake_quantize_range(lin.weight, bits, group_size, sym, r, scale_dtype)
@@ -232,6 +226,4 @@ def apply_awq(model, calib, bits: int = 4, group_size: int | None = 64, sym: boo
 
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="AWQ")
-    from edgellm.calib import in_model_order
-
-    return in_model_order(model, result)
+    return QuantResult(in_model_order(model, result), info)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from edgellm.quant.qtensor import QuantError
+from edgellm.quant.size import bpw, nf4_bpw
 
 OUR_MODES = ("nf4", "fp4", "fp4_e2m1", "int4", "int4_asym", "int8")
 
@@ -121,8 +122,10 @@ def our_bpw(mode: str, blocksize: int = 64, double_quant: bool = False) -> float
     if mode == "int8":
         return 8.0  # + one fp32 scale per row: 32/in_features, left out
     if mode == "int4_asym":
-        return 4 + 32 / blocksize
-    return 4 + (8 / blocksize + 32 / (blocksize * 256) if double_quant else 32 / blocksize)
+        return bpw(4, blocksize, scale_bits=16, offset_bits=16)
+    if double_quant:
+        return nf4_bpw(blocksize, double_quant=True)
+    return bpw(4, blocksize, scale_bits=32)  # one fp32 absmax per block
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ nearest grid point, keep the index ("code").  The formats differ in where the gr
 
 Granularity: ``group_size=None`` per output channel, an int: per group of that many input columns,
 ``group_size=-1``: one scale for the whole tensor (see :func:`quantize_format`).
+
+Over 400 lines because it is the single catalogue of formats the lessons compare side by side.
 """
 
 from __future__ import annotations

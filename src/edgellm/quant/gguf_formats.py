@@ -30,12 +30,16 @@ import torch
 from edgellm.quant.formats import E2M1_LEVELS, quantize_mxfp4
 from edgellm.quant.qtensor import QTensor, QuantError
 from edgellm.quant.rtn import check_finite
+from edgellm.quant.size import bpw
 
 QK = 32  # weights per block
 GGUF_TYPES = ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "MXFP4")
 TYPE_BITS = {"F16": 16, "Q8_0": 8, "Q5_1": 5, "Q5_0": 5, "Q4_1": 4, "Q4_0": 4, "MXFP4": 4}
-TYPE_BPW = {"F16": 16.0, "Q8_0": 8.5, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_0": 4.5,
-            "MXFP4": 4.25}
+# blocks of 32 weights: an fp16 scale d (Q*_0), plus an fp16 minimum m (Q*_1); MXFP4 an 8-bit
+# power-of-two scale (E8M0)
+TYPE_BPW = {"F16": 16.0, "Q8_0": bpw(8, QK), "Q5_1": bpw(5, QK, offset_bits=16),
+            "Q5_0": bpw(5, QK), "Q4_1": bpw(4, QK, offset_bits=16), "Q4_0": bpw(4, QK),
+            "MXFP4": bpw(4, QK, scale_bits=8)}
 
 
 def _check(W: torch.Tensor, qtype: str) -> None:

@@ -31,6 +31,7 @@ import torch
 from edgellm.calib import collect_inputs, in_model_order, layer_linears, sequential, single_thread
 from edgellm.hessian import hinv_cholesky
 from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.result import QuantResult
 from edgellm.quant.rtn import (
     check_bits,
     check_finite,
@@ -170,11 +171,12 @@ def bits_for(bits, name: str) -> int:
     return int(bits)
 
 
-def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = False, *,
+def apply_gptq(model, calib, *, bits=4, group_size: int | None = 64, sym: bool = False,
                damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                static_groups: bool = False, scale_dtype: torch.dtype | None = torch.float16,
-               layers=None, batch_size: int = 8, progress: bool = True) -> dict[str, QTensor]:
-    """GPTQ-quantize the decoder's linear layers in place (fake quant); return ``{name: QTensor}``.
+               layers=None, batch_size: int = 8, progress: bool = True) -> QuantResult:
+    """GPTQ-quantize the decoder's linear layers in place (fake quant); return a
+    :class:`QuantResult` (``qtensors`` ``{name: QTensor}``).
 
     ``calib`` (n_samples, seq_len) token ids.  Layers are processed sequentially (see
     :mod:`edgellm.calib`): each layer's Hessians come from the outputs of the already
@@ -205,4 +207,4 @@ def apply_gptq(model, calib, bits=4, group_size: int | None = 64, sym: bool = Fa
 
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="GPTQ")
-    return in_model_order(model, result)
+    return QuantResult(in_model_order(model, result))

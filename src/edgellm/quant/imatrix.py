@@ -25,6 +25,7 @@ import torch
 
 from edgellm.calib import collect_inputs, layer_linears, sequential, single_thread
 from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.result import QuantResult
 from edgellm.quant.rtn import (
     check_bits,
     check_finite,
@@ -124,7 +125,8 @@ def quantize_weighted(W: torch.Tensor, imp: torch.Tensor, bits: int = 4,
 @torch.no_grad()
 def collect_imatrix(model, calib, *, layers=None, batch_size: int = 8,
                     progress: bool = True) -> dict[str, torch.Tensor]:
-    """llama.cpp-style importance matrix: mean x² per input channel of every decoder linear.
+    """llama.cpp-style importance matrix: mean x² per input channel of every decoder linear,
+    the diagonal of ``H = 2 XᵀX / n`` halved (computed without forming ``H``).
 
     One pass of the unquantized model over ``calib`` (n_samples, seq_len); {name: (in,)}.
     """
@@ -142,13 +144,14 @@ def collect_imatrix(model, calib, *, layers=None, batch_size: int = 8,
 
 
 @torch.no_grad()
-def apply_imatrix(model, calib, bits: int = 4, group_size: int | None = 64, sym: bool = False,
-                  *, n_grid: int = 20, scale_dtype: torch.dtype | None = torch.float16,
-                  layers=None, batch_size: int = 8, progress: bool = True) -> dict[str, QTensor]:
-    """Importance-weighted quantization of the decoder's linears, in place; ``{name: QTensor}``.
+def apply_imatrix(model, calib, *, bits: int = 4, group_size: int | None = 64,
+                  sym: bool = False, n_grid: int = 20, scale_dtype: torch.dtype | None = torch.float16,
+                  layers=None, batch_size: int = 8, progress: bool = True) -> QuantResult:
+    """Importance-weighted quantization of the decoder's linears, in place; a
+    :class:`QuantResult` (``qtensors`` ``{name: QTensor}``).
 
-    Sequential like GPTQ: each layer's importances (Σ x² per input channel) come from the
-    already quantized layers' outputs.
+    Sequential like GPTQ: each layer's importances ``E[x²] = diag(H) / 2`` per input channel
+    come from the already quantized layers' outputs.
     """
     check_bits(bits)
     result: dict[str, QTensor] = {}
@@ -174,4 +177,4 @@ def apply_imatrix(model, calib, bits: int = 4, group_size: int | None = 64, sym:
                progress=progress, desc="imatrix")
     from edgellm.calib import in_model_order
 
-    return in_model_order(model, result)
+    return QuantResult(in_model_order(model, result))

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from edgellm.calib import decoder_layers
+from edgellm.models import decoder_layers
 from edgellm.quant.qtensor import QuantError
 from edgellm.quant.rtn import check_bits, fake_quant, minmax_params
 

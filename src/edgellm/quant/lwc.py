@@ -12,7 +12,10 @@ LWC *learns* two clipping strengths per group (or per output channel) by gradien
 trained to minimise the layer's output reconstruction error on calibration inputs ``X``
 (tokens, in):
 
-    L(a, b) = ‖X Wᵀ − X Q(W)ᵀ‖² / n_tokens = tr(ΔW H ΔWᵀ) / n,   H = XᵀX,  ΔW = W − Q(W)
+    L(a, b) = ‖X Wᵀ − X Q(W)ᵀ‖² / n_tokens = tr(ΔW H ΔWᵀ) / 2,   H = 2 XᵀX / n,  ΔW = W − Q(W)
+
+(:func:`edgellm.hessian.layer_error`; the ``/ 2`` undoes the factor of ``H``'s convention, so
+the loss is the mean squared output error per token and Adam's steps are those of that loss).
 
 ``⌊·⌉`` has zero gradient almost everywhere, so its gradient is replaced by the identity (the
 straight-through estimator, STE): gradients flow to ``a`` and ``b`` through ``s`` and ``lo``.
@@ -32,12 +35,16 @@ one (γ, β) pair per group (the paper's choice) or per output channel (10× sma
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from edgellm.calib import collect_inputs, layer_linears, sequential, single_thread
+from edgellm import hessian
+from edgellm.calib import collect_inputs, in_model_order, layer_linears, sequential, single_thread
+from edgellm.hessian import layer_error
 from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.result import QuantResult
 from edgellm.quant.rtn import (
     check_bits,
     check_group_size,
@@ -121,24 +128,35 @@ def quantize_with_clips(W: torch.Tensor, params: dict, bits: int = 4,
                    sym=sym, fmt="int", scale_bits=dtype_bits(scale_dtype))
 
 
-def _error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    D = W - W_hat  # (out, in)
-    return ((D @ H) * D).sum()
+@dataclass
+class LearnedClip:
+    """What :func:`learn_clipping` learned for one weight.
+
+    ``qtensor``     the quantized weight with the learned clipping
+    ``params``      ``{"gamma", "beta"}`` float32 (out, G) or (out, 1); no ``beta`` when ``sym``
+    ``err_minmax``  mean squared output error per token of plain min/max RTN
+    ``err_lwc``     the same with the learned clipping (never above ``err_minmax``)
+    ``losses``      the training loss at each step (the same error, before each update)
+    """
+
+    qtensor: QTensor
+    params: dict
+    err_minmax: float
+    err_lwc: float
+    losses: list = field(default_factory=list)
 
 
 @single_thread()
-def learn_clipping(W: torch.Tensor, X: torch.Tensor | None = None, bits: int = 4,
+def learn_clipping(W: torch.Tensor, X: torch.Tensor | None = None, *, bits: int = 4,
                    group_size: int | None = 64, sym: bool = False, steps: int = 40,
-                   lr: float = 0.1, *, H: torch.Tensor | None = None, clip_per: str = "channel",
-                   scale_dtype: torch.dtype | None = torch.float16, info: dict | None = None):
+                   lr: float = 0.1, H: torch.Tensor | None = None, clip_per: str = "channel",
+                   scale_dtype: torch.dtype | None = torch.float16) -> LearnedClip:
     """Learn the clipping strengths of one linear weight ``W`` (out, in).
 
-    ``X`` (..., in) calibration inputs, or ``H = XᵀX`` (in, in) with ``info["n"]`` unused.
+    ``X`` (..., in) calibration inputs, or their ``H = 2 XᵀX / n`` (in, in).
     Adam on the logits ``a, b`` (initialised at 4: ``γ = β = 0.98``) for ``steps`` steps of
-    learning rate ``lr``.  Returns ``(qtensor, params)`` with ``params = {"gamma", "beta"}``
-    float32 (out, G) (or (out, 1) with ``clip_per="channel"``; no ``beta`` when ``sym``).
-    ``info`` (a dict) receives ``err_minmax``, ``err_lwc`` (mean squared output error per
-    token when ``X`` is given, else ``tr(ΔW H ΔWᵀ)``) and ``losses``.
+    learning rate ``lr`` on the mean squared output error per token,
+    ``tr(ΔW H ΔWᵀ) / 2``.  Returns a :class:`LearnedClip`.
     """
     check_bits(bits)
     if W.dim() != 2:
@@ -148,15 +166,14 @@ def learn_clipping(W: torch.Tensor, X: torch.Tensor | None = None, bits: int = 4
         raise QuantError(f"clip_per={clip_per!r}: use one of {', '.join(CLIP_PER)}")
     out, n = W.shape
     check_group_size(n, group_size)
-    n_tok = 1
     if H is None:
         if X is None:
-            raise QuantError("learn_clipping needs calibration inputs X (tokens, in) or H = XᵀX")
-        X2 = X.reshape(-1, X.shape[-1]).float()
-        if X2.shape[-1] != n:
-            raise QuantError(f"X has {X2.shape[-1]} features but W has in_features={n}")
-        H, n_tok = X2.T @ X2, X2.shape[0]
-    H = H.float() / n_tok
+            raise QuantError("learn_clipping needs calibration inputs X (tokens, in) or "
+                             "H = 2 XᵀX / n (in, in)")
+        if X.shape[-1] != n:
+            raise QuantError(f"X has {X.shape[-1]} features but W has in_features={n}")
+        H = hessian.from_inputs(X)  # (in, in)
+    H = H.float()
     W = W.detach().float()
     Wg = _grouped(W, group_size)  # (out, G, g)
     G = Wg.shape[1] if clip_per == "group" else 1
@@ -166,7 +183,7 @@ def learn_clipping(W: torch.Tensor, X: torch.Tensor | None = None, bits: int = 4
 
     def loss_of(gamma, beta):
         scale, offset = clip_params(Wg, gamma, beta, bits, sym, scale_dtype)
-        return _error(W, fake_quant_ste(Wg, scale, offset, bits, sym).reshape(out, n), H)
+        return layer_error(W, fake_quant_ste(Wg, scale, offset, bits, sym).reshape(out, n), H=H)
 
     ones = torch.ones(out, G, 1)
     with torch.no_grad():
@@ -193,32 +210,29 @@ def learn_clipping(W: torch.Tensor, X: torch.Tensor | None = None, bits: int = 4
     # stored values are fp16: round them now so a reloaded cache gives the very same weights
     params = {k: v.half().float() for k, v in params.items()}
     qt = quantize_with_clips(W, params, bits, group_size, sym, scale_dtype)
-    err_lwc = _error(W, qt.dequantize(), H).item()
+    err_lwc = layer_error(W, qt.dequantize(), H=H).item()
     if err_lwc > err_minmax:  # fp16 rounding of the strengths undid a tiny gain: keep min/max
         params = {k: torch.ones_like(v) for k, v in params.items()}
         qt = quantize_with_clips(W, params, bits, group_size, sym, scale_dtype)
         err_lwc = err_minmax
-    if info is not None:
-        info.update(err_minmax=err_minmax, err_lwc=err_lwc, losses=losses)
-    return qt, params
+    return LearnedClip(qt, params, err_minmax, err_lwc, losses)
 
 
-def apply_lwc(model, calib=None, bits: int = 4, group_size: int | None = 64, sym: bool = False,
-              steps: int = 40, lr: float = 0.1, *, clips: dict | None = None,
+def apply_lwc(model, calib=None, *, bits: int = 4, group_size: int | None = 64,
+              sym: bool = False, steps: int = 40, lr: float = 0.1, clips: dict | None = None,
               clip_per: str = "channel", scale_dtype: torch.dtype | None = torch.float16,
-              layers=None, batch_size: int = 8, progress: bool = False,
-              info: dict | None = None) -> dict[str, QTensor]:
-    """LWC-quantize the decoder's linear layers in place; return ``{name: QTensor}``.
+              layers=None, batch_size: int = 8, progress: bool = False) -> QuantResult:
+    """LWC-quantize the decoder's linear layers in place; return a :class:`QuantResult`.
 
     With ``clips`` (``{name: {"gamma", "beta"}}``, e.g. from :func:`load_clips`) nothing is
     trained and no calibration set is needed.  Otherwise each decoder layer's inputs are
     collected on the already quantized model (:func:`edgellm.calib.sequential`) and
-    every linear's clipping is learned from ``H = XᵀX``.  ``info`` (a dict) receives
-    ``clips`` (the learned parameters, for :func:`save_clips`), ``errors`` (per layer:
-    ``err_minmax``, ``err_lwc``, ``reduction`` = 1 − lwc/minmax) and ``seconds``.
+    every linear's clipping is learned from ``H = 2 XᵀX / n``.  The result's ``clips`` are
+    the learned (or given) parameters, for :func:`save_clips`; its ``info`` holds ``errors``
+    (per layer: ``err_minmax``, ``err_lwc``, ``reduction`` = 1 − lwc/minmax; when trained)
+    and ``seconds``.
     """
     check_bits(bits)
-    info = {} if info is None else info
     t0 = time.perf_counter()
     result: dict[str, QTensor] = {}
     if clips is not None:
@@ -236,8 +250,7 @@ def apply_lwc(model, calib=None, bits: int = 4, group_size: int | None = 64, sym
                                          scale_dtype)
                 lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
                 result[name] = qt
-        info.update(clips=clips, seconds=time.perf_counter() - t0)
-        return result
+        return QuantResult(result, {"seconds": time.perf_counter() - t0}, clips=clips)
     learned, errors = {}, {}
 
     def quantize_layer(index, layer, stream):
@@ -245,23 +258,19 @@ def apply_lwc(model, calib=None, bits: int = 4, group_size: int | None = 64, sym
         check_linears(linears, group_size)
         stats = collect_inputs(layer, linears, stream, xtx=True)
         for name, lin in linears.items():
-            st = stats[name]
-            e: dict = {}
             with torch.enable_grad():
-                qt, params = learn_clipping(lin.weight, bits=bits, group_size=group_size,
-                                            sym=sym, steps=steps, lr=lr, H=st.xtx / st.n,
-                                            clip_per=clip_per, scale_dtype=scale_dtype, info=e)
-            lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
-            result[name], learned[name] = qt, params
-            errors[name] = {"err_minmax": e["err_minmax"], "err_lwc": e["err_lwc"],
-                            "reduction": 1 - e["err_lwc"] / max(e["err_minmax"], 1e-30)}
+                fit = learn_clipping(lin.weight, bits=bits, group_size=group_size, sym=sym,
+                                     steps=steps, lr=lr, H=stats[name].H, clip_per=clip_per,
+                                     scale_dtype=scale_dtype)
+            lin.weight.copy_(fit.qtensor.dequantize().to(lin.weight.dtype))
+            result[name], learned[name] = fit.qtensor, fit.params
+            errors[name] = {"err_minmax": fit.err_minmax, "err_lwc": fit.err_lwc,
+                            "reduction": 1 - fit.err_lwc / max(fit.err_minmax, 1e-30)}
 
     sequential(model, calib, quantize_layer, layers=layers, batch_size=batch_size,
                progress=progress, desc="LWC")
-    info.update(clips=learned, errors=errors, seconds=time.perf_counter() - t0)
-    from edgellm.calib import in_model_order
-
-    return in_model_order(model, result)
+    return QuantResult(in_model_order(model, result),
+                       {"errors": errors, "seconds": time.perf_counter() - t0}, clips=learned)
 
 
 def save_clips(clips: dict, path, metadata: dict | None = None) -> Path:
@@ -286,8 +295,8 @@ def load_clips(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise QuantError(f"no clip cache at {path}; train one with apply_lwc(..., info=info) and "
-                         "save_clips(info['clips'], path)")
+        raise QuantError(f"no clip cache at {path}; train one with res = apply_lwc(...) and "
+                         "save_clips(res.clips, path)")
     clips: dict = {}
     for key, v in load_file(str(path)).items():
         name, k = key.rsplit(".", 1)

@@ -25,16 +25,20 @@ from __future__ import annotations
 import torch
 
 from edgellm.calib import collect_inputs, layer_linears, sequential
-from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.hessian import layer_error
+from edgellm.quant.qtensor import QuantError, dtype_bits
+from edgellm.quant.result import QuantResult
 from edgellm.quant.rtn import check_bits, check_group_size, fake_quantize, quantize
+from edgellm.quant.size import bpw as grouped_bpw
 
 
 def bpw_of(bits: int, group_size: int | None, in_features: int, sym: bool = False,
            scale_dtype: torch.dtype | None = torch.float16) -> float:
-    """Bits per weight of an integer format with one scale (and offset unless ``sym``) per group."""
+    """Bits per weight of an integer format with one scale (and offset unless ``sym``) per group
+    (``group_size=None``: one group per row of ``in_features``)."""
     g = in_features if group_size is None else group_size
-    per_group = dtype_bits(scale_dtype) * (1 if sym else 2)
-    return bits + per_group / g
+    s = dtype_bits(scale_dtype)
+    return grouped_bpw(bits, g, scale_bits=s, offset_bits=0 if sym else s)
 
 
 # Bit widths to choose from.  2 bits is left out by default: on this model a single 2-bit linear
@@ -68,10 +72,11 @@ def sensitivities(model, calib, candidates=CANDIDATES, group_size: int | None = 
             check_group_size(lin.in_features, group_size)
             W, H = lin.weight.float(), stats[name].H
             out[name] = {}
-            energy = ((W @ H) * W).sum().item() / 2 if relative else 1.0
+            # output energy tr(W H Wᵀ)/2: the layer error of replacing W by zero
+            energy = layer_error(W, torch.zeros_like(W), H=H).item() if relative else 1.0
             for b in candidates:
-                D = W - fake_quantize(W, b, group_size, sym)  # (out, in)
-                out[name][b] = ((D @ H) * D).sum().item() / 2 / energy
+                out[name][b] = layer_error(W, fake_quantize(W, b, group_size, sym), H=H).item() \
+                    / energy
 
     sequential(model, calib, measure, layers=layers, batch_size=batch_size, progress=progress,
                desc="sensitivity")
@@ -112,16 +117,16 @@ def allocate(errors: dict[str, dict[int, float]], numels: dict[str, int],
 
 
 @torch.no_grad()
-def apply_mixed(model, calib, bpw_budget: float = 4.5, candidates=CANDIDATES,
-                group_size: int | None = 64, sym: bool = False, method: str = "rtn", *,
+def apply_mixed(model, calib, *, bpw_budget: float = 4.5, candidates=CANDIDATES,
+                group_size: int | None = 64, sym: bool = False, method: str = "rtn",
                 scale_dtype: torch.dtype | None = torch.float16, layers=None,
-                batch_size: int = 8, progress: bool = True,
-                info: dict | None = None) -> dict[str, QTensor]:
-    """Mixed-precision quantization of the decoder's linears in place; ``{name: QTensor}``.
+                batch_size: int = 8, progress: bool = True) -> QuantResult:
+    """Mixed-precision quantization of the decoder's linears in place; a :class:`QuantResult`.
 
     ``bpw_budget`` average bits per weight over the quantized linears, scales included;
     ``candidates`` bit widths to choose from; ``method`` ``"rtn"`` or ``"gptq"`` for the final
-    quantization.  ``info`` (a dict) receives ``allocation``, ``errors`` and the achieved ``bpw``.
+    quantization.  The result's ``info`` holds ``allocation`` ``{name: bits}``, ``errors``
+    ``{name: {bits: E}}``, the achieved ``bpw`` and the ``bpw_budget``.
     """
     if method not in ("rtn", "gptq"):
         raise QuantError(f"mixed precision supports method 'rtn' or 'gptq', not {method!r}")
@@ -137,8 +142,9 @@ def apply_mixed(model, calib, bpw_budget: float = 4.5, candidates=CANDIDATES,
     if method == "gptq":
         from edgellm.quant.gptq import apply_gptq
 
-        result = apply_gptq(model, calib, alloc, group_size, sym, scale_dtype=scale_dtype,
-                            layers=layers, batch_size=batch_size, progress=progress)
+        result = apply_gptq(model, calib, bits=alloc, group_size=group_size, sym=sym,
+                            scale_dtype=scale_dtype, layers=layers, batch_size=batch_size,
+                            progress=progress).qtensors
     else:
         result = {}
         for n, lin in lins.items():
@@ -146,6 +152,5 @@ def apply_mixed(model, calib, bpw_budget: float = 4.5, candidates=CANDIDATES,
             lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
             result[n] = qt
     achieved = sum(result[n].bpw * numels[n] for n in result) / sum(numels.values())
-    if info is not None:
-        info.update(allocation=alloc, errors=errors, bpw=achieved, bpw_budget=bpw_budget)
-    return result
+    return QuantResult(result, {"allocation": alloc, "errors": errors, "bpw": achieved,
+                                "bpw_budget": bpw_budget})

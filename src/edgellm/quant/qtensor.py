@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.errors import EdgeLLMError
+from edgellm.quant.size import bpw
 
 
 class QuantError(EdgeLLMError, ValueError):
@@ -81,7 +82,7 @@ class QTensor:
     @property
     def bpw(self) -> float:
         """Bits per weight including the scales and offsets: ``bits + (s + o) / group_size``."""
-        return self.bits + self.n_params * (self.scale_bits + self._offset_bits) / self.numel
+        return bpw(self.bits, self.numel / self.n_params, self.scale_bits, self._offset_bits)
 
     @property
     def size_bytes(self) -> int:

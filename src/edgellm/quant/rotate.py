@@ -37,7 +37,8 @@ import math
 import torch
 from torch import nn
 
-from edgellm.calib import decoder_layers
+from edgellm.calib import capture_inputs
+from edgellm.models import decoder_layers, linears_by_role, producer_pairs
 from edgellm.quant.qtensor import QuantError
 
 KINDS = ("hadamard", "random")
@@ -137,10 +138,12 @@ def untie_lm_head(model) -> bool:
 
 
 def _readers(layer) -> list[tuple[nn.Module, list[nn.Linear]]]:
-    """(norm, the linears reading its output) of one decoder layer."""
-    a, m = layer.self_attn, layer.mlp
-    return [(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]),
-            (layer.post_attention_layernorm, [m.gate_proj, m.up_proj])]
+    """(norm, the linears reading its output) of one decoder layer: the producer → consumer
+    pairs whose producer is an RMSNorm (q/k/v after ``input_layernorm``, gate/up after
+    ``post_attention_layernorm``)."""
+    lins = linears_by_role(layer)
+    return [(p.producer, [lins[r] for r in p.consumers]) for p in producer_pairs(layer)
+            if p.site in ("qkv", "gate_up")]
 
 
 @torch.no_grad()
@@ -184,9 +187,9 @@ def apply_rotation(model, kind: str = "hadamard", seed: int = 0) -> dict:
     readers = [model.lm_head]
     writers = []
     for layer in decoder_layers(model):
-        a, m = layer.self_attn, layer.mlp
-        readers += [a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj]
-        writers += [a.o_proj, m.down_proj]
+        lins = linears_by_role(layer)
+        readers += [lins[r] for r in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+        writers += [lins["o_proj"], lins["down_proj"]]  # they write into the residual stream
     for lin in readers:
         _set(lin.weight, lin.weight.double() @ Q)  # (out, C) @ (C, C)
     for lin in writers:
@@ -213,19 +216,10 @@ def activation_outliers(model, ids: torch.Tensor, which=("q_proj", "gate_proj"))
     """
     out = {n: {"max_over_rms": [], "max_token": [], "kurtosis": []} for n in which}
     seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for i, layer in enumerate(decoder_layers(model)):
-        for n in which:
-            mod = getattr(layer.self_attn, n, None) or getattr(layer.mlp, n)
-
-            def hook(module, args, output, key=f"{i}.{n}"):
-                seen.setdefault(key, []).append(args[0].detach().float())
-            handles.append(mod.register_forward_hook(hook))
-    try:
+    mods = {f"{i}.{n}": linears_by_role(layer)[n]
+            for i, layer in enumerate(decoder_layers(model)) for n in which}
+    with capture_inputs(mods, lambda key, x: seen.setdefault(key, []).append(x.detach().float())):
         model(input_ids=torch.as_tensor(ids).reshape(-1, ids.shape[-1]), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     for i in range(len(decoder_layers(model))):
         for n in which:
             x = torch.cat(seen[f"{i}.{n}"]).reshape(-1, seen[f"{i}.{n}"][0].shape[-1]).double()

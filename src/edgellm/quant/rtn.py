@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from edgellm.quant.qtensor import QTensor, QuantError, dtype_bits
+from edgellm.quant.result import QuantResult
 
 SUPPORTED_BITS = tuple(range(2, 9))
 
@@ -146,11 +147,13 @@ def fake_quantize(W: torch.Tensor, bits: int = 4, group_size: int | None = 64, s
 
 
 @torch.no_grad()
-def apply_rtn(model: torch.nn.Module, bits: int | dict[str, int] = 4, group_size: int | None = 64,
-              sym: bool = False, scale_dtype: torch.dtype | None = torch.float16, *,
+def apply_rtn(model: torch.nn.Module, *, bits: int | dict[str, int] = 4,
+              group_size: int | None = 64, sym: bool = False,
+              scale_dtype: torch.dtype | None = torch.float16,
               layers: dict[str, torch.nn.Linear] | None = None,
-              progress: bool = False) -> dict[str, QTensor]:
-    """Fake-quantize the decoder's linear layers in place; return ``{name: QTensor}``.
+              progress: bool = False) -> QuantResult:
+    """Fake-quantize the decoder's linear layers in place; return a
+    :class:`QuantResult` (``qtensors`` ``{name: QTensor}``).
 
     Each weight is replaced by its dequantized value (same dtype as before).  ``layers`` defaults
     to :func:`edgellm.models.linear_layers` (the 210 decoder linears of the default model; the
@@ -174,7 +177,7 @@ def apply_rtn(model: torch.nn.Module, bits: int | dict[str, int] = 4, group_size
             raise QuantError(f"{name}: {e}") from None
         lin.weight.copy_(qt.dequantize().to(lin.weight.dtype))
         out[name] = qt
-    return out
+    return QuantResult(out)
 
 
 def check_linears(linears: dict, group_size: int | None) -> None:

@@ -17,8 +17,6 @@ import math
 
 import torch
 
-from edgellm.quant.qtensor import QTensor
-
 
 def bpw(bits: int, group_size: int, scale_bits: int = 16, offset_bits: int = 0) -> float:
     """Bits per weight of a grouped format: ``bits + (scale_bits + offset_bits) / group_size``."""
@@ -50,9 +48,12 @@ def tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return t.numel() * size
 
 
-def model_size(model: torch.nn.Module, qtensors: dict[str, QTensor],
+def model_size(model: torch.nn.Module, qtensors: dict,
                rest_dtype: torch.dtype | None = None) -> dict:
     """Bytes of a quantized model: packed linears + everything else (tied tensors once).
+
+    ``qtensors`` maps linear names to :class:`edgellm.quant.qtensor.QTensor` (this module does
+    not import it: QTensor computes its own ``bpw`` with :func:`bpw`).
 
     ``rest_dtype`` is how the unquantized tensors (embedding = lm_head, norms) are stored
     (None: their current dtype).  The embedding is NOT quantized; its bytes are reported apart.

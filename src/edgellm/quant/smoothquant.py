@@ -42,6 +42,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgellm.models import (
+    LINEAR_ROLES,
+    decoder_layers,
+    layer_prefix,
+    linears_by_role,
+    producer_pairs,
+)
 from edgellm.quant.qtensor import QuantError
 
 SITES = ("qkv", "gate_up", "down", "o")
@@ -109,35 +116,29 @@ def smooth_layer(layer: nn.Module, x_absmax: dict[str, torch.Tensor], alpha: flo
     ``x_absmax``: per-channel input absmax by short name (``q_proj``, ``gate_proj``,
     ``down_proj``, ``o_proj``).  Returns the factors by site (``o``: per (kv_head, dim)).
     """
-    attn, mlp = layer.self_attn, layer.mlp
+    lins = linears_by_role(layer)
+    pairs = {p.site: p for p in producer_pairs(layer)}
     out = {}
-    if "qkv" in sites:
-        lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-        s = smooth_factors(x_absmax["q_proj"], weight_absmax(*lins), alpha)
-        layer.input_layernorm.weight.div_(s.to(layer.input_layernorm.weight.dtype))
-        for lin in lins:
+    for site in (x for x in SITES if x in sites):  # a fixed order: the result is bit-exact
+        pair = pairs[site]
+        cons = [lins[r] for r in pair.consumers]
+        x_abs = x_absmax[pair.consumers[0]]  # consumers share their input
+        if site == "o":  # v → o: one factor per value row (g, d), shared by its query heads
+            xg = gqa_group_absmax(x_abs.float(), n_heads, n_kv_heads)  # (G·D,)
+            wg = gqa_group_absmax(weight_absmax(*cons), n_heads, n_kv_heads)
+            t = smooth_factors(xg, wg, alpha)
+            _scale_rows(pair.producer, t)
+            _scale_columns(cons[0], expand_gqa(t, n_heads, n_kv_heads))
+            out[site] = t
+            continue
+        s = smooth_factors(x_abs, weight_absmax(*cons), alpha)
+        if isinstance(pair.producer, nn.Linear):  # up → down: rows of up_proj
+            _scale_rows(pair.producer, s)
+        else:  # an RMSNorm: its per-channel weight
+            pair.producer.weight.div_(s.to(pair.producer.weight.dtype))
+        for lin in cons:
             _scale_columns(lin, s)
-        out["qkv"] = s
-    if "gate_up" in sites:
-        lins = (mlp.gate_proj, mlp.up_proj)
-        s = smooth_factors(x_absmax["gate_proj"], weight_absmax(*lins), alpha)
-        layer.post_attention_layernorm.weight.div_(
-            s.to(layer.post_attention_layernorm.weight.dtype))
-        for lin in lins:
-            _scale_columns(lin, s)
-        out["gate_up"] = s
-    if "down" in sites:
-        s = smooth_factors(x_absmax["down_proj"], weight_absmax(mlp.down_proj), alpha)
-        _scale_rows(mlp.up_proj, s)
-        _scale_columns(mlp.down_proj, s)
-        out["down"] = s
-    if "o" in sites:
-        xg = gqa_group_absmax(x_absmax["o_proj"].float(), n_heads, n_kv_heads)  # (G·D,)
-        wg = gqa_group_absmax(weight_absmax(attn.o_proj), n_heads, n_kv_heads)
-        t = smooth_factors(xg, wg, alpha)  # one factor per value row (g, d)
-        _scale_rows(attn.v_proj, t)
-        _scale_columns(attn.o_proj, expand_gqa(t, n_heads, n_kv_heads))
-        out["o"] = t
+        out[site] = s
     return out
 
 
@@ -152,7 +153,6 @@ def apply_smoothquant(model: nn.Module, calib, alpha: float = 0.5, *, sites=SITE
     s}}, "act_absmax_before", "act_absmax_after"}`` (the largest input absmax per site kind,
     over the layers, before and after).
     """
-    from edgellm.calib import decoder_layers
     from edgellm.quant.actstats import input_absmax
 
     alpha = check_alpha(alpha)
@@ -175,12 +175,10 @@ def apply_smoothquant(model: nn.Module, calib, alpha: float = 0.5, *, sites=SITE
         layers = tqdm(layers, desc="SmoothQuant", leave=False)
     short = {"qkv": "q_proj", "gate_up": "gate_proj", "down": "down_proj", "o": "o_proj"}
     for i, layer in layers:
-        prefix = f"model.layers.{i}."
         xa = {}
         for site in sites:
-            name = short[site]
-            full = prefix + ("self_attn." if site in ("qkv", "o") else "mlp.") + name
-            xa[name] = x_absmax[full]
+            name = short[site]  # the first linear reading the site's input
+            xa[name] = x_absmax[layer_prefix(i) + LINEAR_ROLES[name]]
         f = smooth_layer(layer, xa, alpha, sites=sites, n_heads=n_heads, n_kv_heads=n_kv)
         factors[i] = f
         for site, s in f.items():

@@ -1,0 +1,324 @@
+"""``factorize_model``: the library entry point of low-rank factorization (``edgellm lowrank``),
+and ``apply_lorc``, low-rank compensation of a quantized model.
+
+Every decoder linear (q, k, v, o, gate, up, down; the tied embedding / lm_head is left alone)
+is replaced by a :class:`~edgellm.lowrank.layers.LowRankLinear` of its rank, chosen by
+
+- ``ratio``: the fraction of the factorized linears' parameters removed, the same in every
+  layer (0.2 keeps 80 %): ``r = ⌊(1 − ratio) · m·n/(m+n)⌋`` for each (m, n) linear;
+- ``rank``: one rank for every linear (must be < min(m, n) of each; a warning when it is at or
+  above a layer's break-even, where it saves nothing);
+- ``ranks``: ``{name: rank}`` per layer, e.g. from :func:`ranks_from_sensitivity`.
+
+``svd`` needs no data.  ``asvd`` and ``svdllm`` read calibration inputs layer by layer
+(:func:`edgellm.calib.sequential`): each layer is factorized on the outputs of the already
+factorized layers before it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from edgellm.lowrank.layers import LowRankLinear, replace_module
+from edgellm.lowrank.svd import (
+    LowRankError,
+    LowRankWarning,
+    break_even_rank,
+    check_rank,
+    check_ratio,
+    energy_kept,
+    factor_params,
+    rank_for_ratio,
+    split_factors,
+    svd,
+)
+
+METHODS = ("svd", "asvd", "svdllm")
+CALIBRATED = ("asvd", "svdllm")
+
+
+@dataclass
+class LowRankResult:
+    """What :func:`factorize_model` did.
+
+    ``ranks``         ``{linear name: rank}`` in model order
+    ``energy_kept``   ``{name: fraction of Σσ² kept}`` of the matrix that was truncated
+                      (``W``, ``W S`` for ASVD, ``W L`` for SVD-LLM)
+    ``n_params_*``    parameters of the whole model / of the factorized linears, before and after
+    ``warnings``      ranks at or above their layer's break-even (no savings there)
+    """
+
+    method: str
+    ranks: dict[str, int]
+    energy_kept: dict[str, float]
+    n_params_before: int
+    n_params_after: int
+    n_params_linears_before: int
+    n_params_linears_after: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    damps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio_achieved(self) -> float:
+        """Fraction of the factorized linears' parameters removed."""
+        return 1 - self.n_params_linears_after / max(self.n_params_linears_before, 1)
+
+    def info(self) -> dict:
+        """JSON-ready summary (ranks summarised per role: one int, or the sorted distinct ranks)."""
+        by_role: dict[str, set] = {}
+        for name, r in self.ranks.items():
+            by_role.setdefault(name.rsplit(".", 1)[-1], set()).add(r)
+        energy = list(self.energy_kept.values())
+        return {"method": self.method, "n_factorized": len(self.ranks),
+                "ranks_by_role": {k: (min(v) if len(v) == 1 else sorted(v))
+                                  for k, v in by_role.items()},
+                "n_params_linears": self.n_params_linears_after,
+                "n_params_linears_base": self.n_params_linears_before,
+                "ratio_achieved": self.ratio_achieved,
+                "energy_kept_mean": sum(energy) / len(energy) if energy else None,
+                "energy_kept_min": min(energy) if energy else None,
+                "max_damp": max(self.damps.values()) if self.damps else None,
+                "rank_warnings": self.warnings, "seconds_factorize": self.seconds}
+
+
+def check_options(method: str = "svd", *, ratio: float | None = None, rank: int | None = None,
+                  ranks: dict | None = None, alpha: float = 0.5) -> None:
+    """Reject a bad method or target before any work (raises :class:`LowRankError`)."""
+    if method not in METHODS:
+        raise LowRankError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    given = [k for k, v in (("ratio", ratio), ("rank", rank), ("ranks", ranks)) if v is not None]
+    if len(given) != 1:
+        raise LowRankError("give exactly one of ratio (fraction of parameters removed, e.g. 0.2), "
+                           f"rank (e.g. 64) or ranks (per layer); got {given or 'none'}")
+    if ratio is not None:
+        check_ratio(ratio)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise LowRankError(f"rank={rank!r} must be a positive integer (e.g. 64)")
+    if not 0 <= alpha <= 1:
+        raise LowRankError(f"alpha={alpha} must lie in [0, 1] (ASVD's default is 0.5)")
+
+
+def linear_shapes(model, layers=None) -> dict[str, tuple[int, int]]:
+    """``{name: (out, in)}`` of the decoder linears not yet factorized, in model order
+    (``layers``: only those decoder layer indices)."""
+    from edgellm.models import decoder_layers, layer_linears
+
+    idx = range(len(decoder_layers(model))) if layers is None else sorted(layers)
+    done = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    out = {}
+    for i in idx:
+        for name, lin in layer_linears(model, i).items():
+            if name.rpartition(".")[0] in done:
+                continue  # first / second of an already factorized layer
+            out[name] = (lin.out_features, lin.in_features)
+    return out
+
+
+def shapes_from_config(config) -> dict[str, tuple[int, int]]:
+    """``{name: (out, in)}`` of a Llama-style config's decoder linears, without building it
+    (lets the CLI check a rank before loading the model)."""
+    from edgellm.models import LINEAR_ROLES, layer_prefix
+
+    h, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    shape = {"q_proj": (heads * hd, h), "k_proj": (kv * hd, h), "v_proj": (kv * hd, h),
+             "o_proj": (h, heads * hd), "gate_proj": (inter, h), "up_proj": (inter, h),
+             "down_proj": (h, inter)}
+    return {layer_prefix(i) + path: shape[role] for i in range(config.num_hidden_layers)
+            for role, path in LINEAR_ROLES.items()}
+
+
+def plan_ranks(shapes: dict[str, tuple[int, int]], *, ratio: float | None = None,
+               rank: int | None = None, ranks: dict | None = None) -> tuple[dict, list[str]]:
+    """``({name: rank}, warnings)`` for the linears of ``shapes``; raises on an impossible rank
+    (≥ min(m, n)), warns (returned texts) at or above a layer's break-even."""
+    plan, over = {}, {}  # over: (m, n, r) -> roles at or above the break-even
+    for name, (m, n) in shapes.items():
+        if ratio is not None:
+            r = rank_for_ratio(m, n, ratio)
+        elif rank is not None:
+            r = rank
+        else:
+            r = ranks.get(name)
+            if r is None:
+                continue  # not factorized
+            r = int(r)
+        if check_rank(m, n, r, name):
+            over.setdefault((m, n, r), []).append(name.rsplit(".", 1)[-1])
+        plan[name] = r
+    notes = []  # one text per shape and rank, not one per layer
+    for (m, n, r), roles in over.items():
+        text = check_rank(m, n, r, ", ".join(dict.fromkeys(roles)))
+        notes.append(text.replace(f"({m}×{n})", f"({m}×{n}, {len(roles)} linears)", 1))
+    if ranks is not None and not plan:
+        raise LowRankError("ranks names none of the model's decoder linears (e.g. "
+                           f"{next(iter(shapes), '?')})")
+    return plan, notes
+
+
+def ranks_from_sensitivity(shapes: dict[str, tuple[int, int]], sensitivity: dict[str, float],
+                           ratio: float) -> dict[str, int]:
+    """Per-layer ranks removing ``ratio`` of the parameters overall, more to sensitive layers.
+
+    Each layer keeps a fraction ``f = min(1, c · s)`` of its break-even rank (``s`` its
+    sensitivity, e.g. the ΔNLL when only it is factorized); ``c`` is found by bisection so that
+    the kept parameters total ``(1 − ratio)`` of the linears'.  Layers with ``f = 1`` stay dense.
+    """
+    check_ratio(ratio)
+    names = [n for n in shapes if n in sensitivity]
+    if not names:
+        raise LowRankError("the sensitivity dict names none of the model's linears")
+    P = {n: shapes[n][0] * shapes[n][1] for n in names}
+    s = {n: max(float(sensitivity[n]), 1e-12) for n in names}
+    target = (1 - ratio) * sum(P.values())
+
+    def kept(c):
+        return sum(min(1.0, c * s[n]) * P[n] for n in names)
+
+    lo, hi = 0.0, 1.0
+    while kept(hi) < target and hi < 1e12:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) < target else (lo, mid)
+    out = {}
+    for n in names:
+        f = min(1.0, hi * s[n])
+        if f < 1.0:
+            out[n] = max(1, int(f * break_even_rank(*shapes[n])))
+    return out
+
+
+def _factorize(method, W, rank, stats=None, *, alpha=0.5, L=None):
+    """``(B, A, energy kept)`` for one weight ``W`` (out, in) by method name."""
+    if method == "svd":
+        U, S, Vh = svd(W)
+        B, A = split_factors(U, S, Vh, rank)
+        return B, A, energy_kept(S, rank)
+    if method == "asvd":
+        from edgellm.lowrank.asvd import asvd_factors
+
+        return asvd_factors(W, stats.mean_abs, rank, alpha, return_energy=True)
+    from edgellm.lowrank.svdllm import svdllm_factors
+
+    B, A, info = svdllm_factors(W, rank=rank, L=L, return_info=True)
+    return B, A, info["energy_kept"]
+
+
+@torch.no_grad()
+def factorize_model(model, calib=None, *, method: str = "svd", ratio: float | None = None,
+                    rank: int | None = None, ranks: dict | None = None, alpha: float = 0.5,
+                    layers=None, batch_size: int = 8, progress: bool = False) -> LowRankResult:
+    """Replace the decoder linears of ``model`` by low-rank factors, in place.
+
+    ``calib`` (n_samples, seq_len) token ids for ``asvd`` / ``svdllm`` (``None`` for ``svd``);
+    exactly one of ``ratio``, ``rank``, ``ranks``; ``alpha`` is ASVD's exponent; ``layers``
+    (decoder indices) limits the work.  Returns a :class:`LowRankResult`.
+    """
+    from edgellm.models import layer_linears, n_params
+
+    check_options(method, ratio=ratio, rank=rank, ranks=ranks, alpha=alpha)
+    shapes = linear_shapes(model, layers)
+    plan, notes = plan_ranks(shapes, ratio=ratio, rank=rank, ranks=ranks)
+    for text in notes:
+        warnings.warn(text, LowRankWarning, stacklevel=2)
+    n_before, t0 = n_params(model), time.perf_counter()
+    energy, damps = {}, {}
+
+    def swap(name, lin, B, A):
+        bias = None if lin.bias is None else lin.bias.detach()
+        replace_module(model, name, LowRankLinear.from_factors(B, A, bias, lin.weight.dtype))
+
+    if method == "svd":
+        for name, r in plan.items():
+            lin = model.get_submodule(name)
+            B, A, energy[name] = _factorize("svd", lin.weight, r)
+            swap(name, lin, B, A)
+    else:
+        from edgellm.calib import check_calibration, collect_inputs, sequential
+
+        ids = check_calibration(calib)
+        wanted = sorted({int(n.split(".")[2]) for n in plan})
+
+        def factorize_layer(index, layer, stream):
+            lins = {n: m for n, m in layer_linears(model, index).items() if n in plan}
+            stats = collect_inputs(layer, lins, stream, xtx=method == "svdllm")
+            whitened = {}  # one Cholesky per distinct input (q/k/v, gate/up share theirs)
+            for name, lin in lins.items():
+                st, L = stats[name], None
+                if method == "svdllm":
+                    from edgellm.lowrank.svdllm import whitening
+
+                    if id(st) not in whitened:
+                        whitened[id(st)] = whitening(st.H)
+                    L, damps[name] = whitened[id(st)]
+                B, A, energy[name] = _factorize(method, lin.weight, plan[name], st,
+                                                   alpha=alpha, L=L)
+                swap(name, lin, B, A)
+
+        sequential(model, ids, factorize_layer, layers=wanted, batch_size=batch_size,
+                   progress=progress, desc=method.upper())
+    lin_before = sum(m * n for name, (m, n) in shapes.items() if name in plan)
+    lin_after = sum(factor_params(m, n, plan[name]) for name, (m, n) in shapes.items()
+                    if name in plan)
+    return LowRankResult(method=method, ranks=plan, energy_kept=energy,
+                         n_params_before=n_before, n_params_after=n_params(model),
+                         n_params_linears_before=lin_before, n_params_linears_after=lin_after,
+                         seconds=time.perf_counter() - t0, warnings=notes, damps=damps)
+
+
+def bpw_of(result: LowRankResult, factor_bits: int = 16) -> float:
+    """Bits per original weight of the factorized linears with the factors stored at
+    ``factor_bits`` (fp16: 16 · kept fraction)."""
+    return factor_bits * result.n_params_linears_after / max(result.n_params_linears_before, 1)
+
+
+@dataclass
+class LoRCResult:
+    """What :func:`apply_lorc` did: ``factors`` ``{name: (U, V)}`` and a JSON-ready ``info``."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    info: dict
+
+
+@torch.no_grad()
+def apply_lorc(model, reference_weights, rank: int, *, factor_bits: int = 16) -> LoRCResult:
+    """LoRC on a (fake-)quantized ``model``: for each decoder linear, fit a rank-``rank``
+    approximation ``U Vᵀ`` of ``W − Q`` and add it to the weight (the model holds ``Q + U Vᵀ``;
+    a real format keeps ``Q``'s codes and ``U``, ``V`` at ``factor_bits``).
+
+    ``reference_weights``: the unquantized model, or ``{name: W}`` (out, in) per linear.
+    ``info``: ``rank``, ``n_layers``, ``lorc_params``, ``bpw_added`` (bits per weight the factors
+    add over these linears), ``error_before`` / ``error_after`` (Σ of ‖·‖²_F over the layers).
+    """
+    from edgellm.lowrank.lorc import lorc_factors
+    from edgellm.models import linear_layers
+
+    if isinstance(reference_weights, torch.nn.Module):
+        reference_weights = {n: m.weight for n, m in linear_layers(reference_weights).items()}
+    lins = linear_layers(model)
+    missing = [n for n in reference_weights if n not in lins]
+    if missing:
+        raise LowRankError(f"reference weights for {missing[:3]} have no linear in the model")
+    factors, extra, total, before, after = {}, 0, 0, 0.0, 0.0
+    for name, W in reference_weights.items():
+        lin = lins[name]
+        Q = lin.weight.detach().float()
+        U, V = lorc_factors(W.detach().float(), Q, rank)
+        before += float((W.double() - Q.double()).square().sum())
+        lin.weight.copy_((Q + U @ V.T).to(lin.weight.dtype))
+        after += float((W.double() - lin.weight.double()).square().sum())
+        factors[name] = (U, V)
+        extra += U.numel() + V.numel()
+        total += W.numel()
+    info = {"lorc_rank": rank, "n_layers": len(factors), "lorc_params": extra,
+            "bpw_added": factor_bits * extra / max(total, 1), "error_before": before,
+            "error_after": after}
+    return LoRCResult(factors, info)

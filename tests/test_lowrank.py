@@ -1,0 +1,293 @@
+"""Low-rank factorization: Eckart–Young, ASVD folding, SVD-LLM whitening beats plain SVD on the
+layer output, LowRankLinear, save / load, LoRC, rank planning and bad input (tiny model)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from edgellm.hessian import HessianError, from_inputs
+from edgellm.lowrank.apply import (
+    apply_lorc,
+    bpw_of,
+    check_options,
+    factorize_model,
+    linear_shapes,
+    plan_ranks,
+    ranks_from_sensitivity,
+    shapes_from_config,
+)
+from edgellm.lowrank.asvd import asvd_factors
+from edgellm.lowrank.layers import LowRankLinear, load_factorized, ranks_of, save_factorized
+from edgellm.lowrank.lorc import lorc_bpw, lorc_error, lorc_factors
+from edgellm.lowrank.svd import (
+    LowRankError,
+    LowRankWarning,
+    break_even_rank,
+    check_rank,
+    energy_curve,
+    energy_kept,
+    rank_for_ratio,
+    tail_energy,
+    truncated_svd,
+    warn_rank,
+)
+from edgellm.lowrank.svdllm import svdllm_factors, whitening
+from edgellm.quant.rtn import fake_quantize
+
+
+def _toy(out=48, n=64, tokens=512, seed=0):
+    """Weights and strongly correlated inputs with a few large channels (like an LLM's)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, n, generator=g)
+    X = torch.randn(tokens, n // 4, generator=g) @ torch.randn(n // 4, n, generator=g)
+    X = X + 0.05 * torch.randn(tokens, n, generator=g)
+    X[:, :3] *= 20  # outlier channels
+    return W, X
+
+
+def _out_err(W, B, A, X):
+    return float((X.double() @ (W.double() - B.double() @ A.double()).T).square().sum())
+
+
+# --------------------------------------------------------------------------------------------
+# the maths
+
+
+@pytest.mark.parametrize("rank", [1, 5, 20, 47])
+def test_svd_error_is_the_tail_energy(rank):
+    W, _ = _toy()
+    B, A = truncated_svd(W, rank)
+    assert B.shape == (48, rank) and A.shape == (rank, 64)
+    err = float((W.double() - B.double() @ A.double()).square().sum())
+    assert err == pytest.approx(tail_energy(W, rank), rel=1e-4)
+    S = torch.linalg.svdvals(W.double())
+    assert energy_kept(S, rank) == pytest.approx(1 - tail_energy(W, rank) / float(S.square().sum()))
+    assert float(energy_curve(S)[-1]) == pytest.approx(1.0)
+
+
+def test_break_even_and_ratio_arithmetic():
+    assert break_even_rank(576, 576) == 288
+    assert break_even_rank(192, 576) == 144
+    assert break_even_rank(1536, 576) == pytest.approx(418.9, abs=0.1)
+    assert rank_for_ratio(576, 576, 0.2) == 230  # 0.8 · 288
+    assert check_rank(576, 576, 287) is None
+    assert "break-even" in check_rank(576, 576, 288)
+    with pytest.warns(LowRankWarning, match="288"):
+        warn_rank(576, 576, 300)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 48, 60, 2.5])
+def test_bad_ranks(bad):
+    W, _ = _toy()
+    with pytest.raises(LowRankError):
+        truncated_svd(W, bad)
+
+
+def test_asvd_folds_the_scale_back_exactly():
+    W, X = _toy()
+    mean_abs = X.abs().mean(0)
+    s = mean_abs.double().sqrt()  # α = 0.5
+    # folding: (B A) S is exactly the truncated SVD of W S, so B A = [W S]_r S⁻¹
+    B, A = asvd_factors(W, mean_abs, 30)
+    Bs, As = truncated_svd((W.double() * s).float(), 30)
+    assert torch.allclose((B.double() @ A.double()) * s, Bs.double() @ As.double(), atol=1e-4)
+    # and the truncation is Eckart–Young on W S: (W − B A) S has exactly the tail energy
+    Ws = W.double() * mean_abs.double().sqrt()
+    for r in (4, 20):
+        B, A = asvd_factors(W, mean_abs, r)
+        err = ((W.double() - B.double() @ A.double()) * mean_abs.double().sqrt()).square().sum()
+        assert float(err) == pytest.approx(tail_energy(Ws, r), rel=1e-4)
+    # alpha = 0 is plain SVD
+    B0, A0 = asvd_factors(W, mean_abs, 10, alpha=0.0)
+    B1, A1 = truncated_svd(W, 10)
+    assert torch.allclose(B0 @ A0, B1 @ A1, atol=1e-4)
+    with pytest.raises(LowRankError):
+        asvd_factors(W, mean_abs[:5], 10)
+
+
+@pytest.mark.parametrize("rank", [4, 12, 24])
+def test_whitened_svd_beats_plain_svd_on_the_layer_output(rank):
+    W, X = _toy()
+    H = from_inputs(X)
+    Bp, Ap = truncated_svd(W, rank)
+    Bw, Aw = svdllm_factors(W, H, rank)
+    Ba, Aa = asvd_factors(W, X.abs().mean(0), rank)
+    plain, white, act = (_out_err(W, Bp, Ap, X), _out_err(W, Bw, Aw, X), _out_err(W, Ba, Aa, X))
+    assert white < 0.7 * plain
+    assert white <= act * (1 + 1e-6)  # SVD-LLM is optimal for the output error
+    # truncation-aware: the mean output error is exactly Σ_{i>r} σ_i(W L)² / 2
+    L, _ = whitening(H)
+    expect = tail_energy(W.double() @ L, rank) / 2
+    assert white / X.shape[0] == pytest.approx(expect, rel=1e-3)
+
+
+def test_whitening_damps_a_singular_hessian():
+    W, X = _toy(tokens=10)  # 10 tokens, 64 channels: H has rank ≤ 10
+    H = from_inputs(X)
+    L, lam = whitening(H)
+    assert lam > 0 and torch.isfinite(L).all()
+    B, A = svdllm_factors(W, H, 8)
+    assert torch.isfinite(B).all() and torch.isfinite(A).all()
+    with pytest.raises(HessianError):
+        whitening(-torch.eye(4))
+    with pytest.raises(LowRankError, match="H"):
+        svdllm_factors(W, torch.eye(3), 4)
+
+
+def test_lowrank_linear_forward_is_b_at_a():
+    W, X = _toy()
+    bias = torch.randn(48)
+    B, A = truncated_svd(W, 10)
+    mod = LowRankLinear.from_factors(B, A, bias)
+    assert torch.allclose(mod(X), X @ (B @ A).T + bias, atol=1e-4)
+    assert torch.allclose(mod.dense_weight(), B @ A)
+    assert sum(p.numel() for p in mod.parameters()) == 10 * (48 + 64) + 48
+    with pytest.raises(LowRankError):
+        LowRankLinear.from_factors(B, A[:5])
+
+
+def test_lorc_error_falls_with_rank_and_bpw():
+    W, _ = _toy(out=64, n=64)
+    Q = fake_quantize(W, bits=3, group_size=16)
+    errs = [lorc_error(W, Q)]
+    for r in (1, 2, 4, 8, 16, 32):
+        U, V = lorc_factors(W, Q, r)
+        assert U.shape == (64, r) and V.shape == (64, r)
+        errs.append(lorc_error(W, Q, U, V))
+        assert errs[-1] ** 2 == pytest.approx(tail_energy(W - Q, r), rel=1e-4)
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert lorc_bpw(576, 576, 8, 3.5) == pytest.approx(3.5 + 16 * 8 * 1152 / 576 ** 2)
+    assert lorc_bpw(576, 576, 0, 4.5) == 4.5
+    with pytest.raises(LowRankError):
+        lorc_factors(W, Q[:3], 2)
+
+
+# --------------------------------------------------------------------------------------------
+# on a model
+
+
+def _ids(n=4, t=32, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "svdllm"])
+def test_factorize_model_ratio(tiny, method):
+    ref = copy.deepcopy(tiny)
+    res = factorize_model(tiny, None if method == "svd" else _ids(), method=method, ratio=0.2)
+    assert len(res.ranks) == 14 and len(ranks_of(tiny)) == 14
+    assert res.ranks["model.layers.0.self_attn.q_proj"] == rank_for_ratio(64, 64, 0.2)
+    assert 0.2 <= res.ratio_achieved < 0.25
+    assert res.n_params_after < res.n_params_before
+    assert res.n_params_before - res.n_params_after == (res.n_params_linears_before
+                                                        - res.n_params_linears_after)
+    assert bpw_of(res) == pytest.approx(16 * (1 - res.ratio_achieved))
+    with torch.no_grad():
+        out, base = tiny(_ids()).logits, ref(_ids()).logits
+    assert torch.isfinite(out).all() and not torch.allclose(out, base)
+    assert linear_shapes(tiny) == {}  # nothing left to factorize
+    info = res.info()
+    assert info["ranks_by_role"]["q_proj"] == res.ranks["model.layers.0.self_attn.q_proj"]
+
+
+def test_svdllm_beats_svd_on_the_tiny_model_output(tiny):
+    ids = _ids(8, 48)
+    ref = copy.deepcopy(tiny)
+    errs = {}
+    for method in ("svd", "svdllm"):
+        m = copy.deepcopy(ref)
+        factorize_model(m, ids, method=method, ratio=0.3)
+        with torch.no_grad():
+            errs[method] = float((m(ids).logits - ref(ids).logits).square().mean())
+    assert errs["svdllm"] < errs["svd"]
+
+
+def test_factorize_rank_and_per_layer_ranks(tiny):
+    with pytest.warns(LowRankWarning, match="break-even"):
+        res = factorize_model(copy.deepcopy(tiny), method="svd", rank=30)  # k/v 32×64: be 21.3
+    assert res.warnings and all("break-even" in w for w in res.warnings)
+    name = "model.layers.1.mlp.down_proj"
+    res = factorize_model(tiny, method="svd", ranks={name: 8})
+    assert res.ranks == {name: 8} and ranks_of(tiny) == {name: 8}
+    with pytest.raises(LowRankError, match="min"):
+        factorize_model(copy.deepcopy(tiny), method="svd", rank=32)  # k/v have min(m, n) = 32
+
+
+def test_ranks_from_sensitivity_hit_the_ratio(tiny):
+    shapes = linear_shapes(tiny)
+    sens = {n: (10.0 if "down" in n else 1.0) for n in shapes}
+    ranks = ranks_from_sensitivity(shapes, sens, 0.3)
+    kept = sum(r * sum(shapes[n]) for n, r in ranks.items()) + sum(
+        m * k for n, (m, k) in shapes.items() if n not in ranks)
+    total = sum(m * k for m, k in shapes.values())
+    assert kept == pytest.approx(0.7 * total, rel=0.05)
+    down, q = "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"
+    assert ranks.get(down, 10 ** 9) / break_even_rank(*shapes[down]) > \
+        ranks[q] / break_even_rank(*shapes[q])
+    plan, _ = plan_ranks(shapes, ranks=ranks)
+    assert plan == ranks
+
+
+def test_shapes_from_config_match_the_model(tiny):
+    assert shapes_from_config(tiny.config) == linear_shapes(tiny)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="pca", ratio=0.2), "unknown method"),
+    (dict(ratio=0.0), "between 0 and 1"),
+    (dict(ratio=1.0), "between 0 and 1"),
+    (dict(ratio="x"), "between 0 and 1"),
+    (dict(rank=0), "positive"),
+    (dict(rank=2.5), "positive"),
+    (dict(ratio=0.2, rank=8), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(ratio=0.2, alpha=2.0), "alpha"),
+])
+def test_bad_options(kw, match):
+    with pytest.raises(LowRankError, match=match):
+        check_options(**kw)
+
+
+def test_calibrated_methods_need_calibration(tiny):
+    from edgellm.calib import CalibrationError
+
+    with pytest.raises(CalibrationError):
+        factorize_model(tiny, None, method="svdllm", ratio=0.2)
+
+
+def test_save_load_same_logits(tiny, tmp_path):
+    factorize_model(tiny, _ids(), method="svdllm", ratio=0.25)
+    folder = save_factorized(tiny, tmp_path / "m", meta={"method": "svdllm"})
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    model, tok, info = load_factorized(folder)
+    assert tok is None and info["method"] == "svdllm" and info["ranks"] == ranks_of(tiny)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, tiny(_ids()).logits)
+        out = model.generate(_ids(1, 8), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 13)
+    with pytest.raises(LowRankError, match="not an empty folder"):
+        save_factorized(tiny, folder)
+    with pytest.raises(LowRankError, match="lowrank.json"):
+        load_factorized(tmp_path)
+
+
+def test_apply_lorc_on_rtn(tiny):
+    from edgellm.quant.rtn import apply_rtn
+
+    ref = copy.deepcopy(tiny)
+    apply_rtn(tiny, bits=3, group_size=16)
+    res = apply_lorc(tiny, ref, rank=4)
+    assert res.info["n_layers"] == 14 and res.info["error_after"] < res.info["error_before"]
+    assert res.info["bpw_added"] == pytest.approx(16 * res.info["lorc_params"] / sum(
+        m.weight.numel() for n, m in ref.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n))
+    with pytest.raises(LowRankError, match="no linear"):
+        apply_lorc(tiny, {"model.nope": torch.zeros(2, 2)}, rank=1)
+
+
+def test_no_warning_below_break_even(tiny):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowRankWarning)
+        factorize_model(tiny, method="svd", ratio=0.5)
