@@ -312,6 +312,23 @@ def evaluate_ppl(model, tokenizer, data: str = "pydoc", *, split: str = "test",
                   chunks=chunks)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """Which tokens an evaluation scores and how: corpus, split, protocol, context, how many
+    tokens (``max_tokens``) or windows (``chunks``), windows per forward pass (``batch_size``)."""
+    data: str = "pydoc"
+    split: str = "test"
+    protocol: str = "gptq"
+    ctx: int = 512
+    max_tokens: int | None = None
+    chunks: int | None = None
+    batch_size: int = 4
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of :func:`evaluate_paired`."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
 def evaluate_paired(model, reference, tok, *, data: str = "pydoc", split: str = "test",
                        protocol: str = "gptq", ctx: int = 512, stride: int | None = None,
                        max_tokens: int | None = None, chunks: int | None = None,

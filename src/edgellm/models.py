@@ -32,6 +32,7 @@ import torch
 
 from edgellm.errors import EdgeLLMError
 from edgellm.paths import cache_dir
+from edgellm.records import write_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -264,16 +265,12 @@ def ensure_cached(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     gguf_path = default_gguf(name, quiet=quiet)
     folder.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{entry.name}-"))
-    try:
+    with write_folder(folder) as tmp:
         model, tok = _load_gguf(gguf_path, torch.float32)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_manifest(tmp, source=entry.pypi, gguf=Path(entry.member).name,
                        gguf_sha256=entry.sha256, hub_id=entry.hub_id)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"edgellm: cached {name} as safetensors in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)

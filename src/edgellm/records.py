@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -44,3 +46,26 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
         f.write(text)
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def write_folder(folder: str | os.PathLike):
+    """Write a whole folder atomically: yields a temporary folder beside ``folder``; when the
+    block ends without an error it is renamed to ``folder``, otherwise removed, so a failure
+    or an interruption leaves no half-written folder.  ``folder`` must not exist, or be empty.
+    """
+    from edgellm.errors import EdgeLLMError
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise EdgeLLMError(f"{folder} exists and is not an empty folder; give a new folder "
+                           "(nothing is overwritten)")
+    folder.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.absolute().parent, prefix=f".{folder.name}-"))
+    try:
+        yield tmp
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -162,3 +162,12 @@ def check_in_dir(path, flag: str, *, what: str) -> Path:
     if not p.is_dir():
         raise UsageError(f"{flag} {path}: no such folder; give the folder of {what}")
     return p
+
+
+def eval_settings(args):
+    """The :class:`edgellm.metrics.EvalSettings` of the evaluation flags."""
+    from edgellm.metrics import EvalSettings
+
+    return EvalSettings(data=args.data, split=args.split, protocol=args.protocol, ctx=args.ctx,
+                        max_tokens=args.max_tokens, chunks=args.chunks,
+                        batch_size=args.eval_batch_size)

@@ -25,7 +25,6 @@ with ``--eval`` perplexity, KL and top-1 agreement against the fp32 model on the
 from __future__ import annotations
 
 import argparse
-import time
 
 from edgellm.cli.common import (
     add_eval_args,
@@ -33,12 +32,12 @@ from edgellm.cli.common import (
     add_seed_arg,
     check_eval_args,
     check_model_name,
+    eval_settings,
     parse_threshold,
 )
 
 IMPLS = ("bnb", "edgellm")
 BNB_CHOICES = ("nf4", "fp4", "int8", "fp4_e2m1", "int4", "int4_asym")
-DECODE_PROMPT_TOKENS = 32
 
 
 def add_parsers(sub) -> None:
@@ -105,77 +104,14 @@ def check_args(args) -> None:
         check_our_args(args.mode, args.double_quant, args.blocksize)
 
 
-def _library_version(library: str) -> str | None:
-    from importlib import metadata
-
-    name = {"bnb": "bitsandbytes", "torchao": "torchao"}.get(library)
-    try:
-        return metadata.version(name) if name else None
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def run(args) -> dict:
-    import torch
-
-    from edgellm.data import get_tokens
-    from edgellm.measure import (
-        as_base,
-        decode_tokens_per_s,
-        memory_bytes,
-        memory_report,
-        merge,
-        peak_rss_bytes,
-        prefill_tokens_per_s,
-    )
-    from edgellm.metrics import evaluate_paired
-    from edgellm.models import linear_layers, load_model
-    from edgellm.quant.apply import quantize_production
-    from edgellm.records import record
+    from edgellm.quant.apply import production_record
 
     check_args(args)
-    library = "torchao" if args.command == "torchao" else args.impl
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model, quiet=args.json)
-    seconds_load_base = time.perf_counter() - t0
-    rec = {"memory_bytes_base": memory_bytes(model)}
-    info = quantize_production(
-        model, library=library, mode=args.mode,
-        double_quant=getattr(args, "double_quant", False),
+    return production_record(
+        args.model, library="torchao" if args.command == "torchao" else args.impl,
+        mode=args.mode, double_quant=getattr(args, "double_quant", False),
         blocksize=getattr(args, "blocksize", 64), threshold=getattr(args, "threshold", 6.0),
-        cpu_kernel=not getattr(args, "no_cpu_kernel", False))
-    rec.update(info, seconds_load=seconds_load_base + info["seconds_quantize"],
-               seconds_load_base=seconds_load_base, library_version=_library_version(library))
-    rec.update(memory_report(model))
-    if library == "edgellm":
-        n = sum(lin.weight.numel() for lin in linear_layers(model).values())
-        rec["size_bytes"] = rec["memory_bytes"] - rec["memory_bytes_linears"] + round(
-            n * info["bpw"] / 8)
-    reference, _ = load_model(args.model, quiet=True)
-    tokens = get_tokens(args.data, tok, args.split, args.max_tokens)
-    rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
-               n_tokens=None, protocol=args.protocol, ctx=args.ctx, data=args.data)
-    if args.eval:
-        merge(rec, evaluate_paired(
-            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
-            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
-            batch_size=args.eval_batch_size, progress=not args.json))
-    # fake-quantized fp32 weights (our code) run at fp32 speed: no speed keys for them
-    if library != "edgellm":
-        speed = prefill_tokens_per_s(model, tokens, args.ctx, args.eval_batch_size, args.chunks)
-        speed_base = prefill_tokens_per_s(reference, tokens, args.ctx, args.eval_batch_size,
-                                          args.chunks)
-        merge(rec, {k: speed[k] for k in ("prefill_tokens_per_s", "speed_protocol")},
-              as_base(speed_base))
-        rec["n_tokens_speed"] = speed["prefill_tokens"]
-    if library != "edgellm" and args.decode_tokens:
-        prompt = tokens[:DECODE_PROMPT_TOKENS]
-        dec = decode_tokens_per_s(model, prompt, args.decode_tokens)
-        dec_base = decode_tokens_per_s(reference, prompt, args.decode_tokens)
-        merge(rec, {k: dec[k] for k in ("decode_tokens_per_s", "speed_protocol")},
-              as_base(dec_base))
-        rec["decode_new_tokens"] = args.decode_tokens
-    rec["memory_bytes_runtime"] = memory_bytes(model)
-    rec["peak_rss_bytes"] = peak_rss_bytes()
-    return record(rec, seed=args.seed, model=args.model)
+        cpu_kernel=not getattr(args, "no_cpu_kernel", False), evaluate=args.eval,
+        eval_settings=eval_settings(args), decode_tokens=args.decode_tokens, seed=args.seed,
+        progress=not args.json)

@@ -23,7 +23,6 @@ perplexity on another.
 from __future__ import annotations
 
 import argparse
-import copy
 
 from edgellm.cli.common import (
     add_calib_args,
@@ -33,6 +32,7 @@ from edgellm.cli.common import (
     check_eval_args,
     check_model_name,
     check_out_dir,
+    eval_settings,
 )
 from edgellm.prune.apply import METHODS, STRUCTURED
 
@@ -76,78 +76,18 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _eval(model, reference, tok, args) -> dict:
-    from edgellm.metrics import evaluate_paired
-
-    res = evaluate_paired(model, reference, tok, data=args.data, split=args.split,
-                             protocol=args.protocol, ctx=args.ctx, max_tokens=args.max_tokens,
-                             chunks=args.chunks, batch_size=args.eval_batch_size,
-                             progress=not args.json)
-    # its eval_tokens_per_s (eval loop) sits beside the paired prefill_tokens_per_s
-    return res
-
-
 def run(args) -> dict:
-    import os
-
-    from edgellm.data import get_tokens
-    from edgellm.measure import merge, paired_prefill, peak_rss_bytes
-    from edgellm.models import load_model, n_params
-    from edgellm.prune.accounting import model_bytes, sparse_storage
-    from edgellm.prune.apply import prune_model
-    from edgellm.records import record
+    from edgellm.prune.apply import prune_record
 
     _check_args(args)  # fail before loading anything
-    model, tok = load_model(args.model, quiet=args.json)
-    reference = copy.deepcopy(model)
-    rec = prune_model(model, tok, method=args.method, sparsity=args.sparsity, nm=args.nm,
-                      scope=args.scope, structured=args.structured, ratio=args.ratio,
-                      granularity=args.granularity, calib=args.calib, n_samples=args.n_samples,
-                      seq_len=args.seq_len, seed=args.seed, progress=not args.json).info
-    rec.update(n_params=n_params(model), n_params_base=n_params(reference),
-               n_nonzero=sum(int((p != 0).sum()) for p in model.parameters()),
-               size_bytes=model_bytes(model), size_bytes_base=model_bytes(reference))
-    if args.structured is None or args.sparsity is not None or args.nm is not None:
-        rec.update(sparse_storage(model, args.nm))
-    speed_tokens = get_tokens(args.data, tok, args.split, 1024)
-    merge(rec, paired_prefill(model, reference, speed_tokens))
-    rec["speed_note"] = ("dense fp32 forward: zeros do not speed up a dense matmul; no CPU 2:4 "
-                         "kernel in PyTorch")
-    rec.update(ppl=None, ppl_base=None, kl_mean=None)
-    if args.eval:
-        merge(rec, _eval(model, reference, tok, args))
-    if args.recover_steps:
-        from edgellm.prune.recover import finetune, zero_masks
-
-        train = get_tokens(args.calib, tok, "train")
-        masks = zero_masks(model) if (args.sparsity is not None or args.nm is not None) else None
-        kw = dict(steps=args.recover_steps, batch_size=args.recover_batch,
-                  seq_len=args.recover_seq_len, lr=args.recover_lr, lora=args.lora,
-                  seed=args.seed, progress=not args.json)
-        before = {k: rec[k] for k in ("ppl", "kl_mean") if rec.get(k) is not None}
-        ft = finetune(model, train, masks=masks, **kw)
-        rec.update({f"{k}_before_recovery": v for k, v in before.items()})
-        rec.update(recover_steps=ft.steps, recover_seconds=ft.seconds,
-                   recover_lr=ft.lr, recover_lora=args.lora,
-                   recover_loss_first=ft.losses[0], recover_loss_last=ft.losses[-1],
-                   sparsity_after_recovery=sum(int((lin.weight == 0).sum()) for lin in
-                                               _lins(model)) / sum(lin.weight.numel()
-                                                                   for lin in _lins(model)))
-        if args.eval:
-            merge(rec, _eval(model, reference, tok, args))
-        if args.control:
-            control = copy.deepcopy(reference)
-            finetune(control, train, **kw)
-            if args.eval:
-                c = _eval(control, reference, tok, args)
-                rec.update(ppl_control=c["ppl"], kl_mean_control=c["kl_mean"])
-    if args.out:
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
-        rec.update(out=str(args.out),
-                   file_bytes=os.path.getsize(os.path.join(args.out, "model.safetensors")))
-    rec["peak_rss_bytes"] = peak_rss_bytes()
-    return record(rec, seed=args.seed, model=args.model)
+    return prune_record(
+        args.model, method=args.method, sparsity=args.sparsity, nm=args.nm, scope=args.scope,
+        structured=args.structured, ratio=args.ratio, granularity=args.granularity,
+        calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+        evaluate=args.eval, eval_settings=eval_settings(args), recover_steps=args.recover_steps,
+        recover_lr=args.recover_lr, recover_batch=args.recover_batch,
+        recover_seq_len=args.recover_seq_len, lora=args.lora, control=args.control,
+        out=args.out, progress=not args.json)
 
 
 def _check_args(args) -> None:
@@ -169,9 +109,3 @@ def _check_args(args) -> None:
     load_text(args.calib, "train")
     if args.out:
         check_out_dir(args.out, "--out")
-
-
-def _lins(model):
-    from edgellm.prune.layers import prunable_linears
-
-    return list(prunable_linears(model).values())

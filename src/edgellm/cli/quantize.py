@@ -37,6 +37,7 @@ from edgellm.cli.common import (
     check_model_name,
     check_out_dir,
     check_out_file,
+    eval_settings,
     parse_group_size,
     parse_threshold,
 )
@@ -80,15 +81,9 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> dict:
-    import os
-
     from edgellm.data import load_text
-    from edgellm.measure import merge, peak_rss_bytes
-    from edgellm.metrics import evaluate_paired
-    from edgellm.models import load_model
-    from edgellm.quant.apply import check_options, max_weight_change, quantize_model
-    from edgellm.quant.size import model_size
-    from edgellm.records import record
+    from edgellm.quant.apply import check_options, quantize_record
+    from edgellm.quant.qtensor import QuantError
 
     opts = dict(a_bits=args.a_bits, a_format=args.a_format, a_static=args.a_static,
                 alpha=args.alpha, kv_bits=args.kv_bits, threshold=args.threshold)
@@ -102,43 +97,12 @@ def run(args) -> dict:
         check_out_dir(args.out, "--out")
     if args.save_clips:
         check_out_file(args.save_clips, "--save-clips")
-    if args.save_clips and args.method != "lwc":
-        from edgellm.quant.qtensor import QuantError
-
-        raise QuantError("--save-clips only applies to --method lwc (the learned clipping values)")
-    model, tok = load_model(args.model, quiet=args.json)
-    res = quantize_model(
-        model, tok, method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-        qtype=args.type, bpw_budget=args.bpw_budget, calib=args.calib, n_samples=args.n_samples,
-        seq_len=args.seq_len, seed=args.seed, progress=not args.json, **opts)
-    qts, info = res.qtensors, res.info
-    if args.save_clips:
-        from edgellm.quant.lwc import save_clips
-
-        save_clips(res.clips, args.save_clips, metadata={"bits": args.bits, "seed": args.seed,
-                                                     "group_size": args.group_size,
-                                                     "command": "edgellm quantize --method lwc"})
-        info["clips_file"] = str(args.save_clips)
-    rec = {**info, **model_size(model, qts)}
-    # size_bytes is the packed size; the process holds fake-quantized fp32 weights, so no
-    # memory_bytes here (edgellm bnb / torchao measure what a real format holds)
-    rec.update(ppl=None, ppl_base=None, kl_mean=None)
-    if args.out:
-        from edgellm.quant.save import WEIGHTS, save_quantized
-
-        folder = save_quantized(model, qts, args.out, tok, meta={"method": args.method, **info})
-        rec.update(out=str(args.out), file_bytes=os.path.getsize(folder / WEIGHTS))
-    if args.eval:
-        reference, _ = load_model(args.model, quiet=True)
-        change = max_weight_change(model, reference)
-        rec.update(max_abs_weight_change=change, lossless=change == 0.0)
-        merge(rec, evaluate_paired(
-            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
-            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
-            batch_size=args.eval_batch_size, progress=not args.json))
-        if args.method == "llm_int8":
-            from edgellm.quant.llm_int8 import llm_int8_report
-
-            rec.update(llm_int8_report(model))
-    rec["peak_rss_bytes"] = peak_rss_bytes()
-    return record(rec, seed=args.seed, model=args.model)
+        if args.method != "lwc":
+            raise QuantError("--save-clips only applies to --method lwc (the learned clipping "
+                             "values)")
+    return quantize_record(
+        args.model, method=args.method, bits=args.bits, group_size=args.group_size,
+        sym=args.sym, qtype=args.type, bpw_budget=args.bpw_budget, calib=args.calib,
+        n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, evaluate=args.eval,
+        eval_settings=eval_settings(args), out=args.out, save_clips=args.save_clips,
+        progress=not args.json, **opts)

@@ -1,13 +1,17 @@
 """``prune_model``: the library entry point of pruning (unstructured, N:M, structured).
 
-``edgellm prune`` (:mod:`edgellm.cli.prune`) parses flags and calls it; the lesson calls it
-directly.
+:func:`prune_record` loads, prunes, measures, recovers and saves: the record ``edgellm prune``
+(:mod:`edgellm.cli.prune`, which only parses and checks flags) prints.  The lesson calls
+:func:`prune_model` directly.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+from edgellm.metrics import EvalSettings
+from edgellm.models import DEFAULT_MODEL
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED = ("heads", "channels", "layers")
@@ -94,3 +98,79 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
     return PruneResult(info)
 
 
+def prune_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
+                 eval_settings: EvalSettings | None = None, recover_steps: int = 0,
+                 recover_lr: float | None = None, recover_batch: int = 2,
+                 recover_seq_len: int = 256, lora: bool = False, control: bool = False,
+                 out: str | None = None, seed: int = 0, progress: bool = False,
+                 **settings) -> dict:
+    """Load ``model_name``, prune it (``settings``: :func:`prune_model`'s keywords), measure
+    sizes and the paired prefill speed against the unpruned model, optionally recover with
+    ``recover_steps`` of fine-tuning (``control``: the unpruned model fine-tuned the same way)
+    and save to ``out``: the record ``edgellm prune`` prints.  With ``evaluate``, quality against
+    the unpruned model before and after recovery."""
+    import copy
+    import os
+
+    from edgellm.data import get_tokens
+    from edgellm.measure import merge, paired_prefill, peak_rss_bytes
+    from edgellm.metrics import evaluate_paired
+    from edgellm.models import load_model, n_params
+    from edgellm.prune.accounting import model_bytes, sparse_storage
+    from edgellm.prune.layers import prunable_linears
+    from edgellm.records import record
+
+    ev = eval_settings or EvalSettings()
+    unstructured = settings.get("sparsity") is not None or settings.get("nm") is not None
+    model, tok = load_model(model_name, quiet=not progress)
+    reference = copy.deepcopy(model)
+    rec = prune_model(model, tok, seed=seed, progress=progress, **settings).info
+    rec.update(n_params=n_params(model), n_params_base=n_params(reference),
+               n_nonzero=sum(int((p != 0).sum()) for p in model.parameters()),
+               size_bytes=model_bytes(model), size_bytes_base=model_bytes(reference))
+    if settings.get("structured") is None or unstructured:
+        rec.update(sparse_storage(model, settings.get("nm")))
+    merge(rec, paired_prefill(model, reference, get_tokens(ev.data, tok, ev.split, 1024)))
+    rec["speed_note"] = ("dense fp32 forward: zeros do not speed up a dense matmul; no CPU 2:4 "
+                         "kernel in PyTorch")
+    rec.update(ppl=None, ppl_base=None, kl_mean=None)
+
+    def paired(candidate) -> dict:
+        return evaluate_paired(candidate, reference, tok, progress=progress, **ev.kwargs())
+
+    if evaluate:
+        merge(rec, paired(model))
+    if recover_steps:
+        from edgellm.prune.recover import finetune, zero_masks
+
+        calib = settings.get("calib", "pydoc")
+        train = get_tokens(calib, tok, "train")
+        masks = zero_masks(model) if unstructured else None
+        kw = dict(steps=recover_steps, batch_size=recover_batch, seq_len=recover_seq_len,
+                  lr=recover_lr, lora=lora, seed=seed, progress=progress)
+        before = {k: rec[k] for k in ("ppl", "kl_mean") if rec.get(k) is not None}
+        ft = finetune(model, train, masks=masks, **kw)
+        lins = list(prunable_linears(model).values())
+        rec.update({f"{k}_before_recovery": v for k, v in before.items()})
+        rec.update(recover_steps=ft.steps, recover_seconds=ft.seconds, recover_lr=ft.lr,
+                   recover_lora=lora, recover_loss_first=ft.losses[0],
+                   recover_loss_last=ft.losses[-1],
+                   sparsity_after_recovery=sum(int((lin.weight == 0).sum()) for lin in lins)
+                   / sum(lin.weight.numel() for lin in lins))
+        if evaluate:
+            merge(rec, paired(model))
+        if control:
+            twin = copy.deepcopy(reference)
+            finetune(twin, train, **kw)
+            if evaluate:
+                c = paired(twin)
+                rec.update(ppl_control=c["ppl"], kl_mean_control=c["kl_mean"])
+    if out:
+        from edgellm.records import write_folder
+
+        with write_folder(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        rec.update(out=str(out), file_bytes=os.path.getsize(os.path.join(out, "model.safetensors")))
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=seed, model=model_name)

@@ -3,19 +3,24 @@
 One call quantizes a model in place by method name (``rtn``, ``gptq``, ``awq``, ``imatrix``,
 ``gguf``, ``smoothquant``, ``llm_int8``, ``rotate``, ``lwc``), optionally with mixed precision
 (``bpw_budget``), activation quantization (``a_bits``) and a quantized KV cache (``kv_bits``).
-``edgellm quantize`` (:mod:`edgellm.cli.quantize`) parses flags and calls it; notebooks call it
-directly.
+:func:`quantize_record` loads, quantizes, saves and evaluates: the record ``edgellm quantize``
+(:mod:`edgellm.cli.quantize`, which only parses and checks flags) prints;
+:func:`production_record` does the same for the production libraries (``edgellm bnb`` /
+``edgellm torchao``).  Notebooks call :func:`quantize_model` directly.
 """
 
 from __future__ import annotations
 
 import time
 
+from edgellm.metrics import EvalSettings
+from edgellm.models import DEFAULT_MODEL
 from edgellm.quant.result import QuantResult
 
 METHODS = ("rtn", "gptq", "awq", "imatrix", "gguf", "smoothquant", "llm_int8", "rotate", "lwc")
 CALIBRATED = ("gptq", "awq", "imatrix", "lwc")  # weight quantizers that need calibration inputs
 A_FORMATS = ("int", "fp8")
+DECODE_PROMPT_TOKENS = 32  # untimed prompt before the timed decode steps
 
 
 def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: str = "int",
@@ -195,6 +200,58 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
     return QuantResult(qts, info, clips=clips)
 
 
+def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
+                    eval_settings: EvalSettings | None = None, out: str | None = None,
+                    save_clips: str | None = None, seed: int = 0, progress: bool = False,
+                    **settings) -> dict:
+    """Load ``model_name``, quantize it (``settings``: :func:`quantize_model`'s keywords), save
+    it to ``out`` and the LWC clips to ``save_clips`` if given, and with ``evaluate`` score it
+    against the unquantized model (:func:`edgellm.metrics.evaluate_paired`): the record
+    ``edgellm quantize`` prints.  ``size_bytes`` is the packed size; the process holds
+    fake-quantized fp32 weights, so no ``memory_bytes`` (``edgellm bnb``/``torchao`` measure
+    what a real format holds)."""
+    import os
+
+    from edgellm.measure import merge, peak_rss_bytes
+    from edgellm.metrics import evaluate_paired
+    from edgellm.models import load_model
+    from edgellm.quant.size import model_size
+    from edgellm.records import record
+
+    eval_settings = eval_settings or EvalSettings()
+    model, tok = load_model(model_name, quiet=not progress)
+    res = quantize_model(model, tok, seed=seed, progress=progress, **settings)
+    info = res.info
+    if save_clips:
+        from edgellm.quant.lwc import save_clips as write_clips
+
+        write_clips(res.clips, save_clips, metadata={
+            "bits": settings.get("bits", 4), "seed": seed,
+            "group_size": settings.get("group_size", 64),
+            "command": "edgellm quantize --method lwc"})
+        info["clips_file"] = str(save_clips)
+    rec = {**info, **model_size(model, res.qtensors), "ppl": None, "ppl_base": None,
+           "kl_mean": None}
+    if out:
+        from edgellm.quant.save import WEIGHTS, save_quantized
+
+        folder = save_quantized(model, res.qtensors, out, tok,
+                                meta={"method": info["method"], **info})
+        rec.update(out=str(out), file_bytes=os.path.getsize(folder / WEIGHTS))
+    if evaluate:
+        reference, _ = load_model(model_name, quiet=True)
+        change = max_weight_change(model, reference)
+        rec.update(max_abs_weight_change=change, lossless=change == 0.0)
+        merge(rec, evaluate_paired(model, reference, tok, progress=progress,
+                                   **eval_settings.kwargs()))
+        if info["method"] == "llm_int8":
+            from edgellm.quant.llm_int8 import llm_int8_report
+
+            rec.update(llm_int8_report(model))
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=seed, model=model_name)
+
+
 def max_weight_change(model, reference) -> float:
     """Largest |W_quantized - W_reference| over the decoder linears (0.0: nothing changed)."""
     from edgellm.models import linear_layers
@@ -232,3 +289,80 @@ def quantize_production(model, *, library: str = "bnb", mode: str = "nf4",
                     bpw=our_bpw(mode, blocksize, double_quant))
     info["seconds_quantize"] = time.perf_counter() - t0
     return info
+
+
+def _library_version(library: str) -> str | None:
+    from importlib import metadata
+
+    name = {"bnb": "bitsandbytes", "torchao": "torchao"}.get(library)
+    try:
+        return metadata.version(name) if name else None
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def production_record(model_name: str = DEFAULT_MODEL, *, library: str = "bnb",
+                      mode: str = "nf4", double_quant: bool = False, blocksize: int = 64,
+                      threshold: float | None = 6.0, cpu_kernel: bool = True,
+                      evaluate: bool = False, eval_settings: EvalSettings | None = None,
+                      decode_tokens: int = 32, seed: int = 0, progress: bool = False) -> dict:
+    """Load ``model_name`` in fp32, swap its decoder linears for ``library``'s modules
+    (:func:`quantize_production`), and measure: held memory (as loaded and after running),
+    batched prefill and batch-1 decode speed next to the fp32 model's in the same run (each
+    under its named protocol), and with ``evaluate`` quality against the fp32 model: the
+    record ``edgellm bnb`` / ``edgellm torchao`` prints.  Our own block formats
+    (``library="edgellm"``) are fake-quantized fp32 weights: quality only, no speed keys."""
+    import torch
+
+    from edgellm.data import get_tokens
+    from edgellm.measure import (
+        as_base,
+        decode_tokens_per_s,
+        memory_bytes,
+        memory_report,
+        merge,
+        peak_rss_bytes,
+        prefill_tokens_per_s,
+    )
+    from edgellm.metrics import evaluate_paired
+    from edgellm.models import linear_layers, load_model
+    from edgellm.records import record
+
+    ev = eval_settings or EvalSettings()
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(model_name, quiet=not progress)
+    seconds_load_base = time.perf_counter() - t0
+    rec = {"memory_bytes_base": memory_bytes(model)}
+    info = quantize_production(model, library=library, mode=mode, double_quant=double_quant,
+                               blocksize=blocksize, threshold=threshold, cpu_kernel=cpu_kernel)
+    rec.update(info, seconds_load=seconds_load_base + info["seconds_quantize"],
+               seconds_load_base=seconds_load_base, library_version=_library_version(library))
+    rec.update(memory_report(model))
+    if library == "edgellm":
+        n = sum(lin.weight.numel() for lin in linear_layers(model).values())
+        rec["size_bytes"] = rec["memory_bytes"] - rec["memory_bytes_linears"] + round(
+            n * info["bpw"] / 8)
+    reference, _ = load_model(model_name, quiet=True)
+    tokens = get_tokens(ev.data, tok, ev.split, ev.max_tokens)
+    rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
+               n_tokens=None, protocol=ev.protocol, ctx=ev.ctx, data=ev.data)
+    if evaluate:
+        merge(rec, evaluate_paired(model, reference, tok, progress=progress, **ev.kwargs()))
+    # fake-quantized fp32 weights (our code) run at fp32 speed: no speed keys for them
+    if library != "edgellm":
+        speed = prefill_tokens_per_s(model, tokens, ev.ctx, ev.batch_size, ev.chunks)
+        speed_base = prefill_tokens_per_s(reference, tokens, ev.ctx, ev.batch_size, ev.chunks)
+        merge(rec, {k: speed[k] for k in ("prefill_tokens_per_s", "speed_protocol")},
+              as_base(speed_base))
+        rec["n_tokens_speed"] = speed["prefill_tokens"]
+    if library != "edgellm" and decode_tokens:
+        prompt = tokens[:DECODE_PROMPT_TOKENS]
+        dec = decode_tokens_per_s(model, prompt, decode_tokens)
+        dec_base = decode_tokens_per_s(reference, prompt, decode_tokens)
+        merge(rec, {k: dec[k] for k in ("decode_tokens_per_s", "speed_protocol")},
+              as_base(dec_base))
+        rec["decode_new_tokens"] = decode_tokens
+    rec["memory_bytes_runtime"] = memory_bytes(model)
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=seed, model=model_name)

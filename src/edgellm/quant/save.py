@@ -92,11 +92,15 @@ def _load_qtensor(name: str, spec: dict, tensors: dict) -> QTensor:
 
 def save_quantized(model: torch.nn.Module, qtensors: dict[str, QTensor], out_dir,
                    tokenizer=None, meta: dict | None = None) -> Path:
-    """Write ``model`` with its quantized linears ``qtensors`` packed; return the folder."""
+    """Write ``model`` with its quantized linears ``qtensors`` packed; return the folder.
+
+    Written to a temporary folder beside ``out_dir``, then renamed (``out_dir`` must be new or
+    empty): an interruption leaves no half-written model."""
     from safetensors.torch import save_file
 
+    from edgellm.records import write_folder
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors, layers = {}, {}
     for name, qt in qtensors.items():
         layers[name] = _store_qtensor(name, qt, tensors)
@@ -110,13 +114,14 @@ def save_quantized(model: torch.nn.Module, qtensors: dict[str, QTensor], out_dir
             continue  # tied lm_head: stored once, as the embedding
         seen.add(t.data_ptr())
         tensors[key] = t.detach().contiguous()
-    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "edgellm-quant"})
-    model.config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
     qconfig = {"format": "edgellm-quant", "version": 1, "layers": layers,
                "embedding_quantized": False, **(meta or {})}
-    (out_dir / QCONFIG).write_text(json.dumps(qconfig, indent=1, sort_keys=True))
+    with write_folder(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "edgellm-quant"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / QCONFIG).write_text(json.dumps(qconfig, indent=1, sort_keys=True))
     return out_dir
 
 
