@@ -157,9 +157,11 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], *, ratio: float | None = None
     for (m, n, r), roles in over.items():
         text = check_rank(m, n, r, ", ".join(dict.fromkeys(roles)))
         notes.append(text.replace(f"({m}×{n})", f"({m}×{n}, {len(roles)} linears)", 1))
-    if ranks is not None and not plan:
-        raise LowRankError("ranks names none of the model's decoder linears (e.g. "
-                           f"{next(iter(shapes), '?')})")
+    unknown = sorted(set(ranks or {}) - set(shapes))
+    if unknown:
+        raise LowRankError(f"ranks names {unknown[:3]}, not decoder linears of this model (or "
+                           f"outside the layers chosen); names look like "
+                           f"{next(iter(shapes), 'model.layers.0.self_attn.q_proj')}")
     return plan, notes
 
 
