@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from edgellm.errors import EdgeLLMError
 from edgellm.hessian import HessianError, from_inputs
 from edgellm.lowrank.apply import (
     apply_lorc,
@@ -269,7 +270,7 @@ def test_save_load_same_logits(tiny, tmp_path):
         assert torch.equal(model(_ids()).logits, tiny(_ids()).logits)
         out = model.generate(_ids(1, 8), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 13)
-    with pytest.raises(LowRankError, match="not an empty folder"):
+    with pytest.raises(EdgeLLMError, match="not an empty folder"):  # records.write_folder
         save_factorized(tiny, folder)
     with pytest.raises(LowRankError, match="lowrank.json"):
         load_factorized(tmp_path)

@@ -28,8 +28,6 @@ model (config, safetensors, ``lowrank.json`` of ranks; reload with
 from __future__ import annotations
 
 import argparse
-import copy
-import sys
 
 from edgellm.cli.common import (
     add_calib_args,
@@ -39,6 +37,7 @@ from edgellm.cli.common import (
     check_eval_args,
     check_model_name,
     check_out_dir,
+    eval_settings,
 )
 from edgellm.lowrank.apply import METHODS
 
@@ -108,50 +107,11 @@ def check_args(args) -> None:
 
 
 def run(args) -> dict:
-    import os
-    import warnings
-
-    from edgellm.data import get_calibration, get_tokens
-    from edgellm.lowrank.apply import bpw_of, factorize_model
-    from edgellm.lowrank.svd import LowRankWarning
-    from edgellm.measure import merge, paired_prefill, peak_rss_bytes
-    from edgellm.metrics import evaluate_paired
-    from edgellm.models import load_model, n_params, param_bytes_by_dtype
-    from edgellm.records import record
+    from edgellm.lowrank.apply import factorize_record
 
     check_args(args)
-    model, tok = load_model(args.model, quiet=args.json)
-    reference = copy.deepcopy(model)
-    ids = None
-    if args.method != "svd":
-        ids = get_calibration(args.calib, args.n_samples, args.seq_len, args.seed, tokenizer=tok)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", LowRankWarning)
-        res = factorize_model(model, ids, method=args.method, ratio=args.ratio, rank=args.rank,
-                              alpha=args.alpha, progress=not args.json)
-    for w in caught:  # the break-even warnings, once each, on stderr (the record keeps them)
-        print(f"edgellm lowrank: warning: {w.message}", file=sys.stderr)
-    rec = {**res.info(), "ratio": args.ratio, "rank": args.rank,
-           "alpha": args.alpha if args.method == "asvd" else None,
-           "n_params": n_params(model), "n_params_base": n_params(reference),
-           "bpw": bpw_of(res), "bpw_base": 16.0,
-           "size_bytes": sum(param_bytes_by_dtype(model).values()),
-           "size_bytes_base": sum(param_bytes_by_dtype(reference).values())}
-    if ids is not None:
-        rec.update(calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len)
-    speed_tokens = get_tokens(args.data, tok, args.split, 1024)
-    merge(rec, paired_prefill(model, reference, speed_tokens))
-    rec.update(ppl=None, ppl_base=None, kl_mean=None)
-    if args.eval:
-        merge(rec, evaluate_paired(
-            model, reference, tok, data=args.data, split=args.split, protocol=args.protocol,
-            ctx=args.ctx, max_tokens=args.max_tokens, chunks=args.chunks,
-            batch_size=args.eval_batch_size, progress=not args.json))
-    if args.out:
-        from edgellm.lowrank.layers import WEIGHTS, save_factorized
-
-        folder = save_factorized(model, args.out, tok, meta={
-            "method": args.method, "ratio": args.ratio, "rank": args.rank, "model": args.model})
-        rec.update(out=str(args.out), file_bytes=os.path.getsize(folder / WEIGHTS))
-    rec["peak_rss_bytes"] = peak_rss_bytes()
-    return record(rec, seed=args.seed, model=args.model)
+    return factorize_record(
+        args.model, method=args.method, ratio=args.ratio, rank=args.rank, alpha=args.alpha,
+        calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+        evaluate=args.eval, eval_settings=eval_settings(args), out=args.out,
+        progress=not args.json)

@@ -36,6 +36,8 @@ from edgellm.lowrank.svd import (
     split_factors,
     svd,
 )
+from edgellm.metrics import EvalSettings
+from edgellm.models import DEFAULT_MODEL
 
 METHODS = ("svd", "asvd", "svdllm")
 CALIBRATED = ("asvd", "svdllm")
@@ -324,3 +326,58 @@ def apply_lorc(model, reference_weights, rank: int, *, factor_bits: int = 16) ->
             "bpw_added": factor_bits * extra / max(total, 1), "error_before": before,
             "error_after": after}
     return LoRCResult(factors, info)
+
+
+def factorize_record(model_name: str = DEFAULT_MODEL, *, method: str = "svd",
+                     ratio: float | None = None, rank: int | None = None, alpha: float = 0.5,
+                     calib: str = "pydoc", n_samples: int = 32, seq_len: int = 512,
+                     seed: int = 0, evaluate: bool = False,
+                     eval_settings: EvalSettings | None = None, out: str | None = None,
+                     progress: bool = False) -> dict:
+    """Load ``model_name``, factorize its decoder linears (:func:`factorize_model`), measure
+    parameters, size and the paired prefill speed against the unfactorized model, with
+    ``evaluate`` its quality against it, and save to ``out``: the record ``edgellm lowrank``
+    prints.  Break-even warnings are printed once on stderr and kept in ``rank_warnings``."""
+    import copy
+    import os
+    import sys
+
+    from edgellm.data import get_calibration, get_tokens
+    from edgellm.lowrank.svd import LowRankWarning
+    from edgellm.measure import merge, paired_prefill, peak_rss_bytes
+    from edgellm.metrics import evaluate_paired
+    from edgellm.models import load_model, n_params, param_bytes_by_dtype
+    from edgellm.records import record
+
+    ev = eval_settings or EvalSettings()
+    model, tok = load_model(model_name, quiet=not progress)
+    reference = copy.deepcopy(model)
+    ids = None
+    if method != "svd":
+        ids = get_calibration(calib, n_samples, seq_len, seed, tokenizer=tok)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LowRankWarning)
+        res = factorize_model(model, ids, method=method, ratio=ratio, rank=rank, alpha=alpha,
+                              progress=progress)
+    for w in caught:  # the break-even warnings, once each, on stderr (the record keeps them)
+        print(f"edgellm lowrank: warning: {w.message}", file=sys.stderr)
+    rec = {**res.info(), "ratio": ratio, "rank": rank,
+           "alpha": alpha if method == "asvd" else None,
+           "n_params": n_params(model), "n_params_base": n_params(reference),
+           "bpw": bpw_of(res), "bpw_base": 16.0,
+           "size_bytes": sum(param_bytes_by_dtype(model).values()),
+           "size_bytes_base": sum(param_bytes_by_dtype(reference).values())}
+    if ids is not None:
+        rec.update(calib=calib, n_samples=n_samples, seq_len=seq_len)
+    merge(rec, paired_prefill(model, reference, get_tokens(ev.data, tok, ev.split, 1024)))
+    rec.update(ppl=None, ppl_base=None, kl_mean=None)
+    if evaluate:
+        merge(rec, evaluate_paired(model, reference, tok, progress=progress, **ev.kwargs()))
+    if out:
+        from edgellm.lowrank.layers import WEIGHTS, save_factorized
+
+        folder = save_factorized(model, out, tok, meta={
+            "method": method, "ratio": ratio, "rank": rank, "model": model_name})
+        rec.update(out=str(out), file_bytes=os.path.getsize(folder / WEIGHTS))
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    return record(rec, seed=seed, model=model_name)

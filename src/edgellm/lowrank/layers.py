@@ -12,9 +12,6 @@ from its config, swaps the factorized modules in by the saved ranks, then loads 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -101,23 +98,16 @@ def save_factorized(model: nn.Module, folder, tokenizer=None, *, meta: dict | No
     """
     from safetensors.torch import save_file
 
+    from edgellm.records import write_folder
+
     folder = Path(folder).expanduser()
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise LowRankError(f"{folder} exists and is not an empty folder; give a new folder")
-    folder.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.absolute().parent, prefix=f".{folder.name}-"))
-    try:
+    with write_folder(folder) as tmp:
         model.config.save_pretrained(tmp)
         save_file(_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         info = {"ranks": ranks_of(model), **(meta or {})}
         (tmp / RANKS_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            folder.rmdir()  # empty, checked above
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
