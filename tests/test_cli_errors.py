@@ -32,7 +32,7 @@ BAD_INPUT: dict[str, list[list[str]]] = {
     "quantize": [["--method", "gguf", "--type", "Q9_9"], ["--data", "nonesuch"],
                  ["--out", "{tmp}/binary.txt/sub"], ["--method", "lwc", "--save-clips", "{tmp}"]],
     "prune": [["--data", "nonesuch"], ["--sparsity", "1.5"], ["--out", "{tmp}/binary.txt"]],
-    "lowrank": [["--ratio", "1.5"], ["--rank", "0"], ["--rank", "600"],
+    "lowrank": [["--ratio", "1.5"], ["--rank", "0"],
                 ["--ratio", "0.2", "--data", "nonesuch"]],
     "bnb": [["--model", "nonesuch"], ["--mode", "nonesuch"]],
     "torchao": [["--data", "nonesuch"]],
@@ -101,6 +101,20 @@ def test_bad_input_is_one_message_exit_2_before_any_model_load(name, argv, tmp_p
     err = capsys.readouterr().err
     assert code == 2, err
     assert "error" in err and len(err.strip()) > 20, err
+
+
+@pytest.mark.integration  # reads the cached model's config.json (no weights are loaded)
+def test_impossible_rank_fails_before_the_model_load(monkeypatch, capsys):
+    from edgellm import models
+    from edgellm.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the bad rank was rejected")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    assert main(["lowrank", "--rank", "600"]) == 2
+    err = capsys.readouterr().err
+    assert "600" in err and "error" in err, err
 
 
 # the real entry point, one case of each kind of check, in a subprocess: no traceback, fast
