@@ -201,3 +201,17 @@ def test_import_edgellm_is_light():
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["heavy"] == [], got["heavy"]
     assert got["filters"] == [], got["filters"]
+
+
+def test_lessons_and_labs_never_import_the_command_line():
+    """Notebooks use the library (``edgellm.lessons``, the technique packages); the command line
+    is shown as a command, never imported."""
+    root = SRC.parent
+    offenders = []
+    for nb_path in sorted([*root.glob("notebooks/*.ipynb"), *root.glob("solutions/*.ipynb")]):
+        cells = json.loads(nb_path.read_text())["cells"]
+        for i, cell in enumerate(cells):
+            src = "".join(cell["source"]) if cell["cell_type"] == "code" else ""
+            if "from edgellm.cli" in src or "import edgellm.cli" in src:
+                offenders.append(f"{nb_path.relative_to(root)} cell {i}")
+    assert not offenders, f"import the library, not edgellm.cli: {offenders}"

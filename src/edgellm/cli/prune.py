@@ -48,8 +48,7 @@ def _nm(text: str):
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("prune", help="prune a model (unstructured, N:M, structured)",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arg(p)
     p.add_argument("--method", default="wanda", choices=METHODS)
     target = p.add_mutually_exclusive_group()

@@ -46,8 +46,7 @@ from edgellm.quant.apply import A_FORMATS, METHODS
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("quantize", help="weight-only post-training quantization of a model",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arg(p)
     p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("--bits", type=int, default=4, help="weight bits (2-8); ignored with gguf")
