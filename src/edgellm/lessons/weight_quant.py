@@ -182,7 +182,9 @@ def plot_tradeoff(records: list[dict], kl_floor: float = 1e-6):
         x = [r["bpw"] for r in rs]
         kl = [max(r["kl_mean"], kl_floor) for r in rs]
         style = dict(marker=markers.get(m, "x"), label="llama.cpp (gguf)" if m == "gguf" else m)
-        if m == "gguf":  # the seed's figure: one curve through the block formats
+        # the block formats as one curve, like the perplexity-against-size plot of llama.cpp's
+        # k-quants pull request (#1684)
+        if m == "gguf":
             ax1.plot(x, [r["delta_ppl"] for r in rs], color="k", lw=1, **style)
             ax2.plot(x, kl, color="k", lw=1, **style)
             for r, k in zip(rs, kl, strict=True):
