@@ -138,3 +138,17 @@ def test_cli_prune_json_keys(capsys, monkeypatch):
     assert rec["intermediate_size"] == 1376 and rec["structured"] == "channels"
     assert rec["n_params"] < rec["n_params_base"] and rec["size_bytes"] < rec["size_bytes_base"]
     assert rec["sparsity"] < 1e-3  # nothing zeroed: the matrices are smaller instead
+
+
+@pytest.mark.integration
+def test_cli_recovery_keeps_the_default_sparsity(capsys, monkeypatch):
+    """Without --sparsity/--nm, prune_model applies 50 %; recovery must keep those zeros too."""
+    from edgellm import measure
+    from edgellm.cli import main
+
+    monkeypatch.setattr(measure, "paired_prefill", lambda *a, **k: {})  # not what this checks
+    assert main(["prune", "--method", "magnitude", "--recover-steps", "2", "--recover-batch", "1",
+                 "--recover-seq-len", "32", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert rec["sparsity_after_recovery"] == pytest.approx(rec["sparsity"], abs=1e-6)

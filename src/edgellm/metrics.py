@@ -23,6 +23,7 @@ the name of its protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -326,7 +327,7 @@ class EvalSettings:
 
     def kwargs(self) -> dict:
         """The keyword arguments of :func:`evaluate_paired`."""
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return dataclasses.asdict(self)
 
 
 def evaluate_paired(model, reference, tok, *, data: str = "pydoc", split: str = "test",

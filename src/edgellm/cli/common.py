@@ -9,8 +9,7 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 from edgellm.metrics import PROTOCOLS
-
-DEFAULT_MODEL = "smollm2-135m"
+from edgellm.models import DEFAULT_MODEL
 
 
 class UsageError(EdgeLLMError, ValueError):

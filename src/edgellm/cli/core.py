@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from edgellm.cli.common import (
+    DEFAULT_MODEL,
     add_eval_args,
     add_json_arg,
     add_model_arg,
@@ -18,8 +19,9 @@ def add_parsers(sub) -> None:
     add_json_arg(p)
     p.set_defaults(func=info)
 
-    p = sub.add_parser("fetch", help="download and cache a registry model (the default: smollm2-135m)")
-    p.add_argument("--model", default="smollm2-135m")
+    p = sub.add_parser("fetch", help=f"download and cache a registry model (the default: "
+                                     f"{DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     add_json_arg(p)
     p.set_defaults(func=fetch)
 
@@ -31,7 +33,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("kl", help="token-level KL divergence of a model against a reference")
     p.add_argument("--model", required=True, help="the model to compare")
-    p.add_argument("--reference", default="smollm2-135m")
+    p.add_argument("--reference", default=DEFAULT_MODEL)
     p.add_argument("--stride", type=int, help="sliding protocol: step between windows (ctx/2)")
     add_eval_args(p)
     p.set_defaults(func=kl)
@@ -40,7 +42,7 @@ def add_parsers(sub) -> None:
 def info(args) -> dict:
     import torch
 
-    from edgellm.models import DEFAULT_MODEL, REGISTRY, verify_manifest
+    from edgellm.models import REGISTRY, verify_manifest
     from edgellm.paths import cache_dir
     from edgellm.records import versions
 

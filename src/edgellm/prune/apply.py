@@ -98,13 +98,16 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
     return PruneResult(info)
 
 
-def prune_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
+def prune_record(model_name: str = DEFAULT_MODEL, *, sparsity: float | None = None,
+                 nm: tuple[int, int] | None = None, structured: str | None = None,
+                 calib: str = "pydoc", evaluate: bool = False,
                  eval_settings: EvalSettings | None = None, recover_steps: int = 0,
                  recover_lr: float | None = None, recover_batch: int = 2,
                  recover_seq_len: int = 256, lora: bool = False, control: bool = False,
                  out: str | None = None, seed: int = 0, progress: bool = False,
                  **settings) -> dict:
-    """Load ``model_name``, prune it (``settings``: :func:`prune_model`'s keywords), measure
+    """Load ``model_name``, prune it (``sparsity``, ``nm``, ``structured``, ``calib`` and
+    ``settings``: :func:`prune_model`'s keywords), measure
     sizes and the paired prefill speed against the unpruned model, optionally recover with
     ``recover_steps`` of fine-tuning (``control``: the unpruned model fine-tuned the same way)
     and save to ``out``: the record ``edgellm prune`` prints.  With ``evaluate``, quality against
@@ -121,15 +124,18 @@ def prune_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
     from edgellm.records import record
 
     ev = eval_settings or EvalSettings()
-    unstructured = settings.get("sparsity") is not None or settings.get("nm") is not None
+    # zeros inside the linears (kept through recovery): any run that is not structured-only,
+    # including the default sparsity prune_model applies when neither is given
+    unstructured = structured is None or sparsity is not None or nm is not None
     model, tok = load_model(model_name, quiet=not progress)
     reference = copy.deepcopy(model)
-    rec = prune_model(model, tok, seed=seed, progress=progress, **settings).info
+    rec = prune_model(model, tok, sparsity=sparsity, nm=nm, structured=structured, calib=calib,
+                      seed=seed, progress=progress, **settings).info
     rec.update(n_params=n_params(model), n_params_base=n_params(reference),
                n_nonzero=sum(int((p != 0).sum()) for p in model.parameters()),
                size_bytes=model_bytes(model), size_bytes_base=model_bytes(reference))
-    if settings.get("structured") is None or unstructured:
-        rec.update(sparse_storage(model, settings.get("nm")))
+    if unstructured:
+        rec.update(sparse_storage(model, nm))
     merge(rec, paired_prefill(model, reference, get_tokens(ev.data, tok, ev.split, 1024)))
     rec["speed_note"] = ("dense fp32 forward: zeros do not speed up a dense matmul; no CPU 2:4 "
                          "kernel in PyTorch")
@@ -143,7 +149,6 @@ def prune_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
     if recover_steps:
         from edgellm.prune.recover import finetune, zero_masks
 
-        calib = settings.get("calib", "pydoc")
         train = get_tokens(calib, tok, "train")
         masks = zero_masks(model) if unstructured else None
         kw = dict(steps=recover_steps, batch_size=recover_batch, seq_len=recover_seq_len,

@@ -226,8 +226,7 @@ def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
         from edgellm.quant.lwc import save_clips as write_clips
 
         write_clips(res.clips, save_clips, metadata={
-            "bits": settings.get("bits", 4), "seed": seed,
-            "group_size": settings.get("group_size", 64),
+            "bits": info["bits"], "seed": seed, "group_size": info["group_size"],
             "command": "edgellm quantize --method lwc"})
         info["clips_file"] = str(save_clips)
     rec = {**info, **model_size(model, res.qtensors), "ppl": None, "ppl_base": None,
