@@ -212,15 +212,96 @@ def quant_section() -> list[str]:
     ]
 
 
-SECTIONS = ("foundation", "quant")
+@torch.no_grad()
+def lowrank_benchmark(model=None, tok=None, *, n_samples: int = 32, seq_len: int = 512,
+                      ratio: float = 0.2, seed: int = 0, batch_size: int = 8) -> dict:
+    """Time SVD-LLM on all 210 linears against its floor, measured in the same run.
+
+    The floor: one plain forward pass over the calibration tokens (``logits_to_keep=1``) plus
+    the SVDs alone (one thin SVD of every decoder weight, the shape SVD-LLM decomposes as
+    ``W L``).  SVD-LLM adds what whitening costs: X^T X per input, one Cholesky per distinct
+    input, the products ``W L``, the triangular solves, and the second pass that feeds each
+    layer the outputs of the already factorized ones.  The floor is measured before and after
+    SVD-LLM (the machine may be shared); the ratio uses their mean.  Goal: ≤ 2×.
+    """
+    import copy
+
+    from edgellm.data import get_calibration
+    from edgellm.lowrank.apply import factorize_model
+    from edgellm.lowrank.svd import svd
+    from edgellm.models import linear_layers
+
+    if model is None:
+        model, tok = load_model(quiet=True)
+    calib = get_calibration("pydoc", n_samples, seq_len, seed, tokenizer=tok)
+    weights = [lin.weight for lin in linear_layers(model).values()]
+
+    def floor() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        for i in range(0, n_samples, batch_size):
+            model(input_ids=calib[i:i + batch_size], use_cache=False, logits_to_keep=1)
+        t1 = time.perf_counter()
+        for W in weights:
+            svd(W)
+        return t1 - t0, time.perf_counter() - t1
+
+    fwd1, svd1 = floor()
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    res = factorize_model(m, calib, method="svdllm", ratio=ratio, batch_size=batch_size)
+    s = time.perf_counter() - t0
+    del m
+    fwd2, svd2 = floor()
+    fwd, svds = (fwd1 + fwd2) / 2, (svd1 + svd2) / 2
+    return {"n_samples": n_samples, "seq_len": seq_len, "ratio": ratio,
+            "n_linears": len(res.ranks), "seconds_forward": fwd, "seconds_svds": svds,
+            "seconds_floor_runs": [fwd1 + svd1, fwd2 + svd2], "seconds_svdllm": s,
+            "svdllm_over_floor": s / (fwd + svds), "threads": torch.get_num_threads(),
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def lowrank_section(shared: bool = False) -> list[str]:
+    """SVD-LLM whitening on all 210 linears with 32×512 calibration tokens against one forward
+    pass plus the SVDs alone (issue: lesson 08, Performance)."""
+    r = lowrank_benchmark()
+    floor = r["seconds_forward"] + r["seconds_svds"]
+    runs = ", ".join(f"{x:.0f}" for x in r["seconds_floor_runs"])
+    note = " The machine was shared with other jobs while this ran." if shared else ""
+    return [
+        "## Low-rank factorization (`scripts/bench.py --only lowrank`)",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. SVD-LLM (Cholesky whitening) "
+        f"at ratio {r['ratio']} on all {r['n_linears']} decoder linears; calibration "
+        f"{r['n_samples']}×{r['seq_len']} tokens of the pydoc train split (seed 0). The floor "
+        f"was measured before and after SVD-LLM ({runs} s); the ratio uses their mean.{note}",
+        "",
+        "| what | seconds | × floor | goal |",
+        "|---|---|---|---|",
+        f"| one plain forward pass over the calibration tokens | {r['seconds_forward']:.0f} | | |",
+        f"| the SVDs alone (one thin SVD per linear, float32) | {r['seconds_svds']:.0f} | | |",
+        f"| floor: forward + SVDs | {floor:.0f} | 1.00 | |",
+        f"| SVD-LLM (inputs, XᵀX, Cholesky, SVD of W L, solves, propagate) | "
+        f"{r['seconds_svdllm']:.0f} | {r['svdllm_over_floor']:.2f} | ≤ 2 |",
+        f"| peak RSS of this run | {r['peak_rss_bytes'] / 2**30:.2f} GiB | | ≤ 4 GB |",
+    ]
+
+
+SECTIONS = ("foundation", "quant", "lowrank")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", choices=SECTIONS, action="append",
                     help="measure only these sections (default: all)")
-    only = ap.parse_args().only or SECTIONS
+    ap.add_argument("--shared", action="store_true",
+                    help="say in BENCHMARKS.md that other jobs shared the machine")
+    opts = ap.parse_args()
+    only = opts.only or SECTIONS
     torch.manual_seed(0)
+    if "lowrank" in only:
+        lines = lowrank_section(opts.shared)
+        write_section(lines, "lowrank")
+        print("\n".join(lines))
     if "quant" in only:
         lines = quant_section()
         write_section(lines, "quant")

@@ -294,3 +294,77 @@ def test_no_warning_below_break_even(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LowRankWarning)
         factorize_model(tiny, method="svd", ratio=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRC through quantize_model (edgellm quantize --lorc-rank)
+
+
+def test_quantize_model_lorc_rank_zero_is_plain_quantization(tiny):
+    from edgellm.quant.apply import quantize_model
+
+    other = copy.deepcopy(tiny)
+    info0 = quantize_model(tiny, method="rtn", bits=3, group_size=16).info
+    info = quantize_model(other, method="rtn", bits=3, group_size=16, lorc_rank=0).info
+    assert info0["rank"] == info["rank"] == 0 and "lorc" not in info
+    for a, b in zip(tiny.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gguf", "rotate"])
+def test_quantize_model_lorc_fits_the_error_of_the_given_weights(tiny, method):
+    from edgellm.models import linear_layers
+    from edgellm.quant.apply import quantize_model
+
+    plain = copy.deepcopy(tiny)
+    kw = dict(bits=3, group_size=16) if method != "gguf" else dict(qtype="Q4_0")
+    res0 = quantize_model(plain, method=method, **kw)
+    res = quantize_model(tiny, method=method, lorc_rank=4, **kw)
+    lorc = res.info["lorc"]
+    assert res.info["rank"] == lorc["rank"] == 4 and lorc["n_layers"] == len(res.qtensors) == 14
+    assert lorc["error_after"] < lorc["error_before"]
+    # the model holds Q + U Vᵀ: Q is the plain run's weight, U Vᵀ its best rank-4 error fix
+    lins, lins0 = linear_layers(tiny), linear_layers(plain)
+    name = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(lins[name].weight, lins0[name].weight)
+    S = torch.linalg.svdvals((lins[name].weight - lins0[name].weight).detach().double())
+    assert S[4] < 1e-4 * S[0]  # rank 4, up to float32 rounding
+    assert lorc["lorc_params"] == sum(4 * sum(q.shape) for q in res.qtensors.values())
+    assert lorc["lorc_bytes"] == 2 * lorc["lorc_params"]
+    assert res0.info["rank"] == 0
+
+
+def test_lorc_size_counts_the_fp16_factors(tiny):
+    from edgellm.lowrank.lorc import lorc_size
+    from edgellm.quant.apply import quantize_model
+    from edgellm.quant.size import model_size
+
+    res = quantize_model(tiny, method="rtn", bits=3, group_size=16, lorc_rank=2)
+    base = model_size(tiny, res.qtensors)
+    rec = {**base, **lorc_size(base, res.info["lorc"], 1000)}
+    n = sum(q.numel for q in res.qtensors.values())
+    extra = 16 * sum(2 * sum(q.shape) for q in res.qtensors.values())  # bits of U and V
+    assert rec["bpw_quant"] == base["bpw"] == pytest.approx(3 + 32 / 16)
+    assert rec["bpw"] == pytest.approx(base["bpw"] + extra / n)
+    assert rec["size_bytes"] == base["size_bytes"] + extra // 8
+    assert rec["n_params"] == 1000 + res.info["lorc"]["lorc_params"]
+    plain = lorc_size(base, None, 1000)
+    assert plain == {"n_params": 1000, "lorc_params": 0, "bpw_quant": base["bpw"]}
+
+
+def test_lorc_bad_input(tiny):
+    from edgellm.lowrank.apply import check_lorc_rank
+    from edgellm.quant.apply import check_options, quantize_model
+    from edgellm.quant.qtensor import QuantError
+
+    with pytest.raises(LowRankError, match="≥ 0"):
+        check_options("rtn", lorc_rank=-1)
+    for method, why in (("llm_int8", "no fake-quantized"), ("awq", "rescales")):
+        with pytest.raises(QuantError, match=why):
+            check_options(method, lorc_rank=4)
+    check_options("gptq", lorc_rank=4)
+    check_lorc_rank(0, {"a": (4, 4)})  # 0 = off, always fine
+    with pytest.raises(LowRankError, match=r"k_proj \(192×576\).*below 192"):
+        check_lorc_rank(192, {"q_proj": (576, 576), "k_proj": (192, 576)})
+    with pytest.raises(LowRankError, match="model.layers.0.self_attn.k_proj"):
+        quantize_model(tiny, method="rtn", bits=4, group_size=16, lorc_rank=32)

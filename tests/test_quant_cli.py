@@ -165,3 +165,32 @@ def test_save_clips_needs_lwc(capsys):
 
     code = main(["quantize", "--method", "rtn", "--save-clips", "x.safetensors", "--json"])
     assert code == 2 and "--method lwc" in capsys.readouterr().err
+
+
+@pytest.mark.integration  # reads the cached model's config.json (no weights are loaded)
+def test_lorc_rank_above_a_layer_fails_before_the_model_load(monkeypatch, capsys):
+    from edgellm import models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the bad LoRC rank was rejected")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    code, out = _run(capsys, "--lorc-rank", "192")
+    assert code == 2
+    assert "k_proj (192×576)" in out.err and "below 192" in out.err, out.err
+
+
+@pytest.mark.integration
+def test_lorc_rank_record_counts_the_factors(capsys):
+    code, out = _run(capsys, "--method", "rtn", "--bits", "3", "--group-size", "64",
+                     "--lorc-rank", "4", "--eval", "--ctx", "64", "--max-tokens", "128", "--json")
+    assert code == 0, out.err
+    rec = json.loads(out.out)
+    assert rec["rank"] == 4 and rec["bpw_quant"] == 3.5
+    extra = rec["lorc"]["lorc_params"]  # rank · (out + in) summed over the 210 linears
+    assert extra == 4 * 30 * (2 * 1152 + 2 * 768 + 3 * 2112)
+    assert rec["bpw"] == pytest.approx(3.5 + 16 * extra / rec["n_quantized"])
+    assert rec["size_bytes"] - rec["size_bytes_linears"] == rec["size_bytes_embedding"] + rec[
+        "size_bytes_other"]
+    assert rec["n_params"] == 134515008 + extra
+    assert rec["lorc"]["error_after"] < rec["lorc"]["error_before"] and not rec["lossless"]

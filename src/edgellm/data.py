@@ -40,7 +40,9 @@ class CorpusError(EdgeLLMError, ValueError):
 
 
 def corpus_names() -> list[str]:
-    return sorted(json.loads(datasets_registry().read_text()))
+    """The registered text corpora (the registry's ``"kind": "task"`` entries are not corpora)."""
+    reg = json.loads(datasets_registry().read_text())
+    return sorted(n for n, info in reg.items() if info.get("kind") != "task")
 
 
 def corpus_info(name: str) -> dict:

@@ -38,6 +38,9 @@ SPEED_PROTOCOLS = {
                  "the reference's passes and the scoring are not counted); tokens fed / seconds",
     "eval-wall": "tokens fed / wall seconds of a whole perplexity loop (forward passes and "
                  "scoring)",
+    "train": "tokens trained per second of the training loop: `batch` x `seq_len` tokens per "
+             "step / wall seconds of all `steps` (forward, backward, optimizer step and, for "
+             "distillation, the teacher's forward or the cached top-k lookup)",
     "legacy-eval-loop": "kept only for committed records: eval-loop throughput recorded as "
                         "tokens_per_s before protocols were named (settings from the command)",
     "legacy-eval-wall": "kept only for committed records: `edgellm ppl` tokens fed per wall "

@@ -30,66 +30,16 @@ from dataclasses import dataclass
 
 import torch
 
-from edgellm.errors import EdgeLLMError
 from edgellm.measure import protocol as speed_protocol
-
-PROTOCOLS = {
-    "gptq": "non-overlapping windows of ctx tokens, every token after the first scored "
-            "(GPTQ/AWQ/SparseGPT/Wanda evaluation code)",
-    "sliding": "windows of ctx tokens moved by stride, each token scored once with up to ctx-1 "
-               "tokens of context (transformers docs)",
-    "llamacpp": "llama.cpp llama-perplexity: chunks of ctx tokens, second half of each chunk "
-                "scored, BOS first only if the tokenizer adds one",
-}
-
-
-class EvalError(EdgeLLMError, ValueError):
-    """Bad evaluation settings: unknown protocol, ctx too large, text too short."""
-
-
-@dataclass(frozen=True)
-class Window:
-    """Feed ``tokens[start:end]``; logits at positions ``first … end-start-2`` are scored."""
-    start: int
-    end: int
-    first: int
-
-    @property
-    def n_scored(self) -> int:
-        return self.end - self.start - 1 - self.first
-
-
-def windows(n_tokens: int, protocol: str = "gptq", ctx: int = 512, stride: int | None = None,
-            chunks: int | None = None) -> list[Window]:
-    """The windows a protocol feeds to the model over ``n_tokens`` tokens."""
-    if protocol not in PROTOCOLS:
-        raise EvalError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    if ctx < 2:
-        raise EvalError(f"ctx={ctx} is too small; a window needs at least 2 tokens")
-    need = {"gptq": ctx, "sliding": 2, "llamacpp": 2 * ctx}[protocol]
-    if n_tokens < need:
-        raise EvalError(
-            f"the text has {n_tokens} tokens; protocol {protocol!r} with ctx={ctx} needs at least "
-            f"{need}. Use more text (another split or corpus), a smaller --ctx, or drop --max-tokens."
-        )
-    if protocol == "gptq":
-        out = [Window(i * ctx, (i + 1) * ctx, 0) for i in range(n_tokens // ctx)]
-    elif protocol == "llamacpp":
-        out = [Window(i * ctx, (i + 1) * ctx, ctx // 2) for i in range(n_tokens // ctx)]
-    else:
-        stride = ctx // 2 if stride is None else stride
-        if not 1 <= stride <= ctx:
-            raise EvalError(f"stride={stride} must be between 1 and ctx={ctx}")
-        out, prev_end = [], 0
-        for begin in range(0, n_tokens, stride):
-            end = min(begin + ctx, n_tokens)
-            n_new = end - prev_end  # tokens not scored by an earlier window
-            # stride == ctx: the first token of a window has no context inside it and is skipped
-            out.append(Window(begin, end, 0 if begin == 0 else max(0, end - begin - n_new - 1)))
-            prev_end = end
-            if end == n_tokens:
-                break
-    return out[:chunks] if chunks else out
+from edgellm.windows import (  # noqa: F401  (re-exported: the protocols' public home)
+    PROTOCOLS,
+    EvalError,
+    Window,
+    llamacpp_positions,
+    restrict_to_positions,
+    scored_positions,
+    windows,
+)
 
 
 def _batches(wins: list[Window], batch_size: int):

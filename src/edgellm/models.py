@@ -63,6 +63,15 @@ class ModelUnavailable(EdgeLLMError, RuntimeError):
     """The model cannot be had here (unknown name, no network, missing file)."""
 
 
+# Models derived from a registry model by a command of this library and saved under the cache
+# (``derived/<name>``): the name and the command that builds it.
+DERIVED = {
+    "smollm2-135m-draft": "edgellm distill --model smollm2-135m --student drop-layers "
+                          "--ratio 0.5 --loss fkl --steps 40 --batch-size 4 --seq-len 256 "
+                          "--lr 1e-4 --schedule cosine --seed 0 --save-as smollm2-135m-draft",
+}
+
+
 # --------------------------------------------------------------------------------------------
 # cache
 
@@ -237,6 +246,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     if name_or_path in REGISTRY:
         folder = ensure_cached(name_or_path, quiet=quiet)
         model, tok = _load_folder(folder, dtype)
+    elif name_or_path in DERIVED:
+        model, tok = _load_folder(derived_folder(name_or_path), dtype)
     elif path.is_dir():
         model, tok = _load_folder(path, dtype)
     elif path.suffix == ".gguf":
@@ -274,6 +285,43 @@ def ensure_cached(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     if not quiet:
         print(f"edgellm: cached {name} as safetensors in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)
+    return folder
+
+
+def derived_folder(name: str) -> Path:
+    """The verified cache folder of a derived model (:data:`DERIVED`); if it is missing or
+    damaged, the error gives the command that builds it."""
+    folder = cache_dir() / "derived" / name
+    problem = verify_manifest(folder) if folder.is_dir() else "it was never built"
+    if problem is not None:
+        raise ModelUnavailable(f"derived model {name!r} is not available ({problem}); build it "
+                               f"with: {DERIVED[name]}")
+    return folder
+
+
+def save_derived(name: str, model, tokenizer, **about) -> Path:
+    """Save ``model`` and ``tokenizer`` as the derived model ``name`` (safetensors and a
+    manifest, written atomically, replacing an older build); return its folder."""
+    if name not in DERIVED:
+        raise ModelUnavailable(f"{name!r} is not a derived model name; known: "
+                               f"{', '.join(sorted(DERIVED))}")
+    folder = cache_dir() / "derived" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    old = folder.with_name(f".{name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    tmp_target = folder.with_name(f".{name}.new")
+    if tmp_target.exists():
+        shutil.rmtree(tmp_target)
+    with write_folder(tmp_target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, derived=name, built_by=DERIVED[name], **about)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp_target, folder)
+    if old.exists():
+        shutil.rmtree(old)
     return folder
 
 

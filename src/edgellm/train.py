@@ -142,7 +142,8 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
           after_step=None, weight_decay: float = 0.0, schedule: str = "constant",
           warmup_steps: int = 0, max_grad_norm: float | None = None, seed: int = 0,
           progress: bool = False, desc: str = "train", checkpoint_dir=None,
-          checkpoint_every: int = 0) -> TrainResult:
+          checkpoint_every: int = 0, batches=None,
+          micro_batch_size: int | None = None) -> TrainResult:
     """Train ``model`` in place for ``steps`` AdamW steps; return a :class:`TrainResult`.
 
     ``tokens`` 1-D LongTensor (a train split); step ``i`` uses ``batch_size`` random windows of
@@ -153,13 +154,19 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
     optimizer step.  ``schedule`` (``constant``, ``linear``, ``cosine``) after
     ``warmup_steps`` of linear warm-up; ``max_grad_norm`` clips the total gradient norm.
     ``checkpoint_dir`` receives a checkpoint every ``checkpoint_every`` steps (0: at the end
-    only).  The model is left in ``eval()`` mode.
+    only).  ``micro_batch_size`` splits each (B, T) batch into chunks of that many windows,
+    each with its own forward and backward, gradients accumulated (``loss_fn`` must return a
+    mean over windows): the same step in less memory.  ``batches``, when given, replaces the random windows: step ``i`` passes
+    ``batches[i]`` (e.g. a dict of left-padded ``input_ids`` and an answer ``loss_mask``) to
+    ``loss_fn``, and ``tokens`` may be None.  The model is left in ``eval()`` mode.
     """
     check_settings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
                    warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
     if loss_fn is not None and loss_mask is not None:
         raise TrainError("loss_mask applies to the default next-token loss; with your own "
                          "loss_fn, mask the targets inside it")
+    if batches is not None and loss_fn is None:
+        raise TrainError("pre-built batches need a loss_fn(model, batch) that reads them")
     if loss_fn is None:
         loss_fn = lm_loss if loss_mask is None else (
             lambda m, b: lm_loss(m, b, mask=loss_mask(b)))
@@ -172,7 +179,11 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
         raise TrainError("no trainable parameters: set requires_grad on the weights to train, "
                          "or pass params=[...]")
     torch.manual_seed(seed)
-    data = train_windows(tokens, steps * batch_size, seq_len, seed)  # (steps·B, T)
+    if batches is not None:
+        if len(batches) < steps:
+            raise TrainError(f"{len(batches)} batches for {steps} steps; give one per step")
+    else:
+        data = train_windows(tokens, steps * batch_size, seq_len, seed)  # (steps·B, T)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     t0 = time.perf_counter()
     it = range(steps)
@@ -183,13 +194,21 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
     model.train()
     try:
         for step in it:
-            batch = data[step * batch_size:(step + 1) * batch_size]  # (B, T)
+            batch = (batches[step] if batches is not None
+                     else data[step * batch_size:(step + 1) * batch_size])  # (B, T)
             step_lr = lr * lr_factor(step, steps, schedule=schedule, warmup_steps=warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = step_lr
-            loss = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if micro_batch_size and batches is None and micro_batch_size < len(batch):
+                loss = 0.0
+                for chunk in batch.split(micro_batch_size):  # (b, T) each, b ≤ micro_batch_size
+                    part = loss_fn(model, chunk) * (len(chunk) / len(batch))
+                    part.backward()  # gradients add up in .grad
+                    loss = loss + part.detach()
+            else:
+                loss = loss_fn(model, batch)
+                loss.backward()
             if max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 result.grad_norms.append(float(norm))

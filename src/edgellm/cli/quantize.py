@@ -16,6 +16,11 @@ weights first (``--alpha``); ``llm_int8`` is LLM.int8()'s vector-wise int8 matmu
 outlier columns (``--threshold``; 0 or inf = plain absmax int8); ``rotate`` applies a Hadamard
 rotation before RTN; ``lwc`` learns weight clipping; ``--kv-bits`` quantizes the KV cache.
 
+``--lorc-rank K`` adds LoRC (ZeroQuant-V2) after the weight quantizer: every quantized linear
+holds ``Q(W) + U Vᵀ`` with ``U Vᵀ`` the rank-K SVD of its error ``W − Q(W)``, the factors
+stored in fp16; ``bpw`` and ``size_bytes`` include them (``bpw_quant``: without), ``rank`` is
+K and ``n_params`` counts the factors.  K must be below every linear's min(out, in).
+
 ``--group-size 0`` (or ``channel``) quantizes per output channel.  With ``--eval`` a second,
 unquantized copy of the model is loaded as the reference: the quantized and the reference model
 score the same tokens, giving ``ppl``, ``ppl_base``, the paired ``delta_nll`` with its standard
@@ -42,6 +47,7 @@ from edgellm.cli.common import (
     parse_threshold,
 )
 from edgellm.quant.apply import A_FORMATS, METHODS
+from edgellm.quant.salient import SALIENT_BY
 
 
 def add_parsers(sub) -> None:
@@ -68,6 +74,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--threshold", type=parse_threshold, default=6.0, help="LLM.int8 outlier "
                    "threshold; 0 or inf = absmax int8 without decomposition")
     p.add_argument("--kv-bits", type=int, help="KV-cache bits (default: not quantized)")
+    p.add_argument("--keep-salient", type=float, help="with --method rtn: keep this fraction "
+                   "of each linear's input channels in full precision (AWQ's motivation: 0.01)")
+    p.add_argument("--salient-by", default="act", choices=SALIENT_BY,
+                   help="how --keep-salient picks channels: activation magnitude, weight "
+                   "magnitude, or at random (seeded by --seed)")
+    p.add_argument("--lorc-rank", type=int, default=0, help="LoRC: add a rank-K fp16 "
+                   "correction U Vᵀ of each quantized linear's error W − Q (0 = off)")
     p.add_argument("--save-clips", help="with --method lwc: write the learned clipping values to "
                    "this .safetensors file (lessons apply them without training)")
     add_calib_args(p)
@@ -85,12 +98,21 @@ def run(args) -> dict:
     from edgellm.quant.qtensor import QuantError
 
     opts = dict(a_bits=args.a_bits, a_format=args.a_format, a_static=args.a_static,
-                alpha=args.alpha, kv_bits=args.kv_bits, threshold=args.threshold)
+                alpha=args.alpha, kv_bits=args.kv_bits, threshold=args.threshold,
+                lorc_rank=args.lorc_rank)
     # every bad name or value fails here, before the model is loaded
     check_options(args.method, bpw_budget=args.bpw_budget, qtype=args.type, bits=args.bits,
-                  **opts)
+                  keep_salient=args.keep_salient, salient_by=args.salient_by, **opts)
     check_model_name(args.model)
     check_eval_args(args)
+    if args.lorc_rank:  # an impossible rank fails before the load, naming the layer
+        from edgellm.cli.lowrank import _config_shapes
+        from edgellm.lowrank.apply import check_lorc_rank
+
+        check_lorc_rank(args.lorc_rank, _config_shapes(args.model))
+        if args.out:
+            raise QuantError("--out saves the packed codes and scales only, not LoRC's "
+                             "factors; drop --out or --lorc-rank")
     load_text(args.calib, "train")
     if args.out:
         check_out_dir(args.out, "--out")
@@ -104,4 +126,5 @@ def run(args) -> dict:
         sym=args.sym, qtype=args.type, bpw_budget=args.bpw_budget, calib=args.calib,
         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, evaluate=args.eval,
         eval_settings=eval_settings(args), out=args.out, save_clips=args.save_clips,
-        progress=not args.json, **opts)
+        keep_salient=args.keep_salient, salient_by=args.salient_by, progress=not args.json,
+        **opts)

@@ -21,12 +21,45 @@ def course_notebooks(*folders: str) -> list:
     return [p for f in folders for p in sorted((root() / f).glob("[0-9][0-9]_*.ipynb"))]
 
 
+RESET_TAG = "edgellm-reset"
+
+
+def section_starts(nb) -> list[int]:
+    """Indices of the cells that open a section: markdown cells whose first line is a ``## `` heading."""
+    return [i for i, c in enumerate(nb.cells)
+            if c.cell_type == "markdown" and c.source.lstrip().startswith("## ")]
+
+
+def insert_section_resets(nb) -> int:
+    """Put a ``%reset -f`` cell before every section (in place); return how many.
+
+    Running the notebook so tests, in one kernel, that each section works from its own first
+    cell, as it must after a kernel restart: names from earlier sections are gone (modules stay
+    imported, so a section pays only for what it loads itself).  The cells carry the
+    ``edgellm-reset`` tag and :func:`remove_section_resets` takes them out again.
+    """
+    import nbformat
+
+    starts = section_starts(nb)
+    for i in reversed(starts):
+        cell = nbformat.v4.new_code_cell("%reset -f", metadata={"tags": [RESET_TAG]})
+        nb.cells.insert(i, cell)
+    return len(starts)
+
+
+def remove_section_resets(nb) -> None:
+    """Undo :func:`insert_section_resets` (in place)."""
+    nb.cells = [c for c in nb.cells if RESET_TAG not in c.get("metadata", {}).get("tags", [])]
+
+
 def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
-                     allow_errors: bool = False):
+                     allow_errors: bool = False, reset_sections: bool = False):
     """Execute a notebook top to bottom in a fresh kernel; write the executed copy to ``out``.
 
     Returns the executed ``nbformat`` notebook.  FAST mode is passed to the kernel through
-    ``EDGELLM_FAST``; the kernel starts in the notebook's own folder.
+    ``EDGELLM_FAST``; the kernel starts in the notebook's own folder.  ``reset_sections=True``
+    runs ``%reset -f`` before every ``## `` section (:func:`insert_section_resets`); the
+    executed copy and the returned notebook have those cells taken out again.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -35,6 +68,8 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    if reset_sections:
+        insert_section_resets(nb)
     saved = os.environ.get("EDGELLM_FAST")
     os.environ["EDGELLM_FAST"] = "1" if fast else "0"
     try:
@@ -49,6 +84,7 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
         try:
             client.execute()
         finally:
+            remove_section_resets(nb)
             if out is not None:
                 write_text(nbformat.writes(nb), out)
     finally:
@@ -70,11 +106,13 @@ class NotebookRun:
 
 
 def run_notebook(path, out=None, *, fast: bool = True, stop_on_error: bool = False,
-                 env: dict | None = None, timeout: int = 900) -> NotebookRun:
+                 env: dict | None = None, timeout: int = 900,
+                 reset_sections: bool = False) -> NotebookRun:
     """Execute a notebook in a fresh kernel (via :func:`edgellm.course.run.execute_notebook`).
 
     ``stop_on_error=False`` runs every cell and collects the errors; ``True`` stops at the first.
     ``env`` sets extra environment variables for the kernel (e.g. ``{"EDGELLM_PERTURB": "1.01"}``).
+    ``reset_sections`` runs ``%reset -f`` before every section (see :func:`execute_notebook`).
     """
     import tempfile
 
@@ -91,7 +129,7 @@ def run_notebook(path, out=None, *, fast: bool = True, stop_on_error: bool = Fal
         dest = Path(out) if out is not None else Path(tmp) / path.name
         try:
             nb = execute_notebook(path, dest, fast=fast, timeout=timeout,
-                                  allow_errors=not stop_on_error)
+                                  allow_errors=not stop_on_error, reset_sections=reset_sections)
         except CellExecutionError:
             stopped = True
             nb = nbformat.read(dest, as_version=4)

@@ -8,4 +8,5 @@ ipywidgets views over them.  A technique never imports from here.
 - :mod:`edgellm.lessons.act_quant`     04: activation-quantization results, KV-cache bytes
 - :mod:`edgellm.lessons.production`    05: bitsandbytes / torchao tables and block layouts
 - :mod:`edgellm.lessons.pruning`       06: masks, sparsity sweeps, structured tables, widget
+- :mod:`edgellm.lessons.distill`       07: KL-direction toy and widget, teacher cost, loss tables
 """

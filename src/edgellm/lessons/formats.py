@@ -126,11 +126,15 @@ def collect_inputs(model, ids: torch.Tensor, names: list[str]) -> dict[str, torc
 
 
 def tail_stats(x: torch.Tensor) -> dict:
-    """How heavy-tailed a tensor is: absmax / std, excess kurtosis, share of |x| > 6 std."""
+    """How heavy-tailed a tensor is: absmax / std, kurtosis, share of |x| > 6 std.
+
+    ``raw_kurtosis`` is ``E[z⁴]`` of the standardised values (3 for a Gaussian), the convention
+    the lessons print (lesson 04's activation statistics use it too); ``kurtosis`` is the excess
+    kurtosis ``E[z⁴] − 3`` (0 for a Gaussian)."""
     x = x.double().reshape(-1)
     m, s = x.mean(), x.std()
     z = (x - m) / s
     return {"std": s.item(), "absmax": x.abs().max().item(),
             "absmax_over_std": (x.abs().max() / s).item(),
-            "kurtosis": (z.pow(4).mean() - 3).item(),
+            "kurtosis": (z.pow(4).mean() - 3).item(), "raw_kurtosis": z.pow(4).mean().item(),
             "frac_beyond_6std": (z.abs() > 6).double().mean().item()}

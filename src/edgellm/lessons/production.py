@@ -120,3 +120,52 @@ def describe(records: list[dict], key: str) -> str:
         lines.append("speed   : fake-quantized fp32 weights (our code): fp32 speed")
     lines.append(f"layout  : {layout['text']}")
     return "\n".join(lines)
+
+
+def decode_bytes_table(model, bits_per_weight: float = 4.5) -> list[dict]:
+    """Bytes a batch-1 decode step reads, fp32 against ``bits_per_weight`` decoder linears, computed
+    from the model's parameters (an Amdahl table).
+
+    Each generated token reads every decoder linear once and the whole tied embedding once more as
+    ``lm_head`` (the input lookup reads one row: negligible); norms are counted with the rest.
+    The libraries quantize only the decoder linears, so the fp32 ``lm_head`` bounds the gain.
+
+    Returns two rows (``"fp32"``, ``f"{bits} bpw linears"``) with ``linears_bytes``,
+    ``lm_head_bytes``, ``other_bytes``, ``bytes_per_token``, ``lm_head_share`` (its fraction of
+    the bytes read) and ``bound`` (fp32 bytes / these bytes: the decode speed-up a purely
+    memory-bound step could reach); plus, on the quantized row, ``linears_ratio`` (32 / bits).
+    """
+    from edgellm.models import linear_layers
+
+    lin = sum(m.weight.numel() for m in linear_layers(model).values())
+    head = model.get_output_embeddings().weight.numel()
+    seen = {id(m.weight) for m in linear_layers(model).values()} | {
+        id(model.get_output_embeddings().weight)}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    other -= model.get_input_embeddings().weight.numel() * (
+        id(model.get_input_embeddings().weight) not in seen)  # an untied input table: one row read
+    rows = []
+    for label, bits in (("fp32", 32.0), (f"{bits_per_weight:g} bpw linears", bits_per_weight)):
+        lin_b, head_b, other_b = lin * bits / 8, head * 4.0, other * 4.0
+        total = lin_b + head_b + other_b
+        rows.append({"format": label, "linears_bytes": lin_b, "lm_head_bytes": head_b,
+                     "other_bytes": other_b, "bytes_per_token": total,
+                     "lm_head_share": head_b / total})
+    for r in rows:
+        r["bound"] = rows[0]["bytes_per_token"] / r["bytes_per_token"]
+    rows[1]["linears_ratio"] = 32.0 / bits_per_weight
+    return rows
+
+
+def format_decode_bytes(rows: list[dict], measured: float | None = None) -> str:
+    """The Amdahl table of :func:`decode_bytes_table` as text; ``measured`` adds the recorded
+    decode speed-up to the quantized row."""
+    head = (f"{'weights read per token':<24}{'linears MB':>11}{'lm_head MB':>11}{'total MB':>10}"
+            f"{'lm_head %':>10}{'bound ×':>9}{'measured ×':>11}")
+    lines = [head, "-" * len(head)]
+    for i, r in enumerate(rows):
+        m = "" if measured is None or i == 0 else f"{measured:.2f}"
+        lines.append(f"{r['format']:<24}{r['linears_bytes'] / 1e6:>11.1f}"
+                     f"{r['lm_head_bytes'] / 1e6:>11.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
+                     f"{100 * r['lm_head_share']:>10.0f}{r['bound']:>9.2f}{m:>11}")
+    return "\n".join(lines)

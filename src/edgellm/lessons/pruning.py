@@ -134,11 +134,31 @@ def contextual_table(records: list[dict]) -> dict[str, dict[str, float]]:
     corpus).  Raises :class:`PruneError` when a record has no perplexity."""
     table: dict[str, dict[str, float]] = {"dense": {}}
     for r in records:
+        if r.get("command", "").startswith("edgellm kl"):  # mask against mask: mask_comparison
+            continue
         if r.get("ppl") is None:
             raise PruneError(f"record {r.get('command', r)!r} has no perplexity; run it with --eval")
         table.setdefault(r["calib"], {})[r["data"]] = float(r["ppl"])
         table["dense"][r["data"]] = float(r["ppl_base"])
     return table
+
+
+def mask_comparison(records: list[dict]) -> list[dict]:
+    """The paired comparisons of two masks (``edgellm kl --model MASK_B --reference MASK_A``
+    records of a contextual sweep), one row per evaluation corpus: ``data``, ``delta_nll`` (mean
+    per-token NLL of mask B minus mask A on the same tokens, nats), its standard error,
+    ``z`` = delta / se, the 95 % interval (±1.96 se), ``kl_mean`` between the two masks'
+    predictions and ``n_tokens``."""
+    rows = []
+    for r in records:
+        if not r.get("command", "").startswith("edgellm kl"):
+            continue
+        d, se = r["delta_nll"], r["delta_nll_stderr"]
+        rows.append({"data": r["data"], "model": r["model"], "reference": r["reference"],
+                     "delta_nll": d, "delta_nll_stderr": se, "z": d / se,
+                     "ci95": (d - 1.96 * se, d + 1.96 * se), "kl_mean": r["kl_mean"],
+                     "n_tokens": r["n_tokens"]})
+    return rows
 
 
 def sparsity_widget(W: torch.Tensor, x_norm: torch.Tensor, records: list[dict], *,

@@ -22,11 +22,15 @@ from edgellm.metrics import mean_stderr, token_logprobs
 METHOD_ORDER = ("rtn", "gptq", "awq", "imatrix", "rtn-mixed", "gptq-mixed", "gguf")
 
 
+# lesson 03 sweeps that are experiments of their own, not rows of the methods table
+SIDE_SWEEPS = ("03_awq_salient", "03_gptq_diag")
+
+
 def sweeps() -> list[str]:
-    """Lesson 03's recorded sweeps: every ``results/03_*.json``."""
+    """Lesson 03's method/format sweeps: every ``results/03_*.json`` but :data:`SIDE_SWEEPS`."""
     from edgellm.results import sweep_names
 
-    return [n for n in sweep_names() if n.startswith("03_")]
+    return [n for n in sweep_names() if n.startswith("03_") and n not in SIDE_SWEEPS]
 
 
 def load_results(names=None) -> list[dict]:
@@ -210,3 +214,131 @@ def plot_tradeoff(records: list[dict], kl_floor: float = 1e-6):
     ax1.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------
+# llama.cpp block formats on real weights (K-quants next to the 32-blocks)
+
+BLOCK_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q8_0")
+
+
+def format_errors(weights: dict, types=BLOCK_FORMATS, *, control_seed: int | None = 0) -> list[dict]:
+    """Relative RMS error ``‖Ŵ − W‖ / ‖W‖`` of each llama.cpp type over ``weights``
+    ``{name: W (out, in)}`` (rows of whole 256-weight super-blocks for the K-quants), pooled
+    over the matrices, with its bits per weight.  With ``control_seed``, also on a Gaussian
+    control of the same shapes and per-row standard deviations (weights that never sat on a
+    4-bit grid).  The K-quants are quantized by llama.cpp's own ``libggml`` (fast) and
+    dequantized by ours; :mod:`edgellm.quant.kquants` checks our quantizer gives the same bytes.
+    """
+    import torch
+
+    from edgellm.quant.gguf_formats import TYPE_BPW, quantize_gguf
+    from edgellm.quant.kquants import KQUANT_BPW, KQUANT_TYPES, dequantize_kquant, ggml_quantize
+
+    def fake(W, t):
+        if t in KQUANT_TYPES:
+            return dequantize_kquant(ggml_quantize(W, t), t, tuple(W.shape))
+        return quantize_gguf(W, t).dequantize()
+
+    g = torch.Generator().manual_seed(control_seed or 0)
+    controls = {n: torch.randn(W.shape, generator=g) * W.float().std(dim=1, keepdim=True)
+                for n, W in weights.items()} if control_seed is not None else {}
+    rows = []
+    for t in types:
+        row = {"type": t, "bpw": KQUANT_BPW.get(t, TYPE_BPW.get(t))}
+        for key, mats in (("rel_rms", weights), ("rel_rms_control", controls)):
+            if not mats:
+                continue
+            num = sum(float((fake(W.float(), t) - W.float()).square().sum()) for W in mats.values())
+            den = sum(float(W.float().square().sum()) for W in mats.values())
+            row[key] = (num / den) ** 0.5
+        rows.append(row)
+    return rows
+
+
+def format_format_errors(rows: list[dict]) -> str:
+    head = f"{'type':<6} {'bpw':>7} {'rel. RMS (model)':>17} {'rel. RMS (Gaussian)':>20}"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: r["bpw"]):
+        ctrl = f"{r['rel_rms_control']:>20.4f}" if "rel_rms_control" in r else f"{'-':>20}"
+        lines.append(f"{r['type']:<6} {r['bpw']:>7.4f} {r['rel_rms']:>17.4f} {ctrl}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# AWQ's motivation: 1 % salient channels kept (results/03_awq_salient.json)
+
+
+def salient_table(records: list[dict]) -> list[dict]:
+    """One row per record of ``03_awq_salient``: which channels were kept, PPL, ΔNLL ± se and
+    the difference to plain RTN with the conservative bound √(se² + se_rtn²)."""
+    plain = next((r for r in records if r.get("keep_salient") is None), None)
+    rows = []
+    for r in records:
+        by = r.get("salient_by") if r.get("keep_salient") is not None else "none"
+        row = {"kept": by, "fraction": r.get("keep_salient") or 0.0, "ppl": r["ppl"],
+               "ppl_base": r["ppl_base"], "delta_nll": r["delta_nll"],
+               "delta_nll_stderr": r["delta_nll_stderr"], "n_tokens": r["n_tokens"],
+               "bpw_extra": r.get("bpw_extra", 0.0)}
+        if plain is not None and r is not plain:
+            row["diff_vs_rtn"] = r["delta_nll"] - plain["delta_nll"]
+            row["diff_bound"] = math.hypot(r["delta_nll_stderr"], plain["delta_nll_stderr"])
+        rows.append(row)
+    return rows
+
+
+def format_salient_table(rows: list[dict]) -> str:
+    head = (f"{'kept 1 % by':<12} {'PPL':>8} {'ΔNLL ± se':>18} {'vs RTN ± bound':>18} "
+            f"{'+bpw':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        diff = (f"{r['diff_vs_rtn']:+.3f} ± {r['diff_bound']:.3f}" if "diff_vs_rtn" in r
+                else "-")
+        lines.append(f"{r['kept']:<12} {r['ppl']:>8.2f} "
+                     f"{r['delta_nll']:>+9.3f} ± {r['delta_nll_stderr']:.3f} {diff:>18} "
+                     f"{r['bpw_extra']:>6.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# the GPTQ diagnosis at layer level (results/03_gptq_diag.json, ``layer_level``)
+
+
+def gptq_diag_summary(rows: list[dict], group_size=None, sym: bool = False) -> list[dict]:
+    """Geometric means over the (layer, linear group) pairs of a layer-level diagnosis:
+    each configuration's held-out error relative to RTN's (``heldout_vs_rtn``, < 1: better
+    than RTN on text it never saw) and its held-out over calibration error (``overfit``,
+    > 1: the calibration error flatters it).  One row per configuration, at one
+    (group size, sym) setting."""
+    sel = [r for r in rows if r["group_size"] == group_size and r["sym"] == sym]
+    rtn = {(r["layer"], r["group"]): r for r in sel if r["method"] == "rtn"}
+    configs: dict[tuple, list] = {}
+    for r in sel:
+        if r["method"] == "rtn":
+            continue
+        key = (r["method"], r["n_windows"], r.get("act_order"), r.get("damp"),
+               r.get("group_params"))
+        base = rtn[(r["layer"], r["group"])]
+        configs.setdefault(key, []).append(
+            (r["heldout"] / base["heldout"], r["heldout"] / max(r["calib"], 1e-30),
+             r["calib"] / base[f"calib_{r['n_windows']}"]))
+    out = []
+    for (method, n, act_order, damp, conv), v in sorted(configs.items(), key=str):
+        gm = [math.exp(sum(math.log(max(x[i], 1e-30)) for x in v) / len(v)) for i in range(3)]
+        out.append({"method": method, "n_windows": n, "act_order": act_order, "damp": damp,
+                    "group_params": conv, "heldout_vs_rtn": gm[0], "overfit": gm[1],
+                    "calib_vs_rtn": gm[2], "n": len(v)})
+    return out
+
+
+def format_gptq_diag(summary: list[dict]) -> str:
+    head = (f"{'method':<6} {'windows':>7} {'act_order':>9} {'damp':>5} {'groups from':>12} "
+            f"{'calib/RTN':>9} {'held-out/RTN':>12} {'held-out/calib':>14}")
+    lines = [head, "-" * len(head)]
+    for r in summary:
+        order = "-" if r["act_order"] is None else "yes" if r["act_order"] else "no"
+        lines.append(f"{r['method']:<6} {r['n_windows']:>7} {order:>9} "
+                     f"{r['damp'] if r['damp'] is not None else '-':>5} "
+                     f"{r['group_params'] or '-':>12} {r['calib_vs_rtn']:>9.3f} "
+                     f"{r['heldout_vs_rtn']:>12.3f} {r['overfit']:>14.3f}")
+    return "\n".join(lines)

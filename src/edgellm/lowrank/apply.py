@@ -1,5 +1,6 @@
 """``factorize_model``: the library entry point of low-rank factorization (``edgellm lowrank``),
-and ``apply_lorc``, low-rank compensation of a quantized model.
+and (re-exported from :mod:`edgellm.lowrank.lorc`) ``apply_lorc``, low-rank compensation of
+a quantized model.
 
 Every decoder linear (q, k, v, o, gate, up, down; the tied embedding / lm_head is left alone)
 is replaced by a :class:`~edgellm.lowrank.layers.LowRankLinear` of its rank, chosen by
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgellm.lowrank.layers import LowRankLinear, replace_module
+from edgellm.lowrank.lorc import LoRCResult, apply_lorc, check_lorc_rank  # noqa: F401
 from edgellm.lowrank.svd import (
     LowRankError,
     LowRankWarning,
@@ -282,50 +284,6 @@ def bpw_of(result: LowRankResult, factor_bits: int = 16) -> float:
     """Bits per original weight of the factorized linears with the factors stored at
     ``factor_bits`` (fp16: 16 · kept fraction)."""
     return factor_bits * result.n_params_linears_after / max(result.n_params_linears_before, 1)
-
-
-@dataclass
-class LoRCResult:
-    """What :func:`apply_lorc` did: ``factors`` ``{name: (U, V)}`` and a JSON-ready ``info``."""
-
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    info: dict
-
-
-@torch.no_grad()
-def apply_lorc(model, reference_weights, rank: int, *, factor_bits: int = 16) -> LoRCResult:
-    """LoRC on a (fake-)quantized ``model``: for each decoder linear, fit a rank-``rank``
-    approximation ``U Vᵀ`` of ``W − Q`` and add it to the weight (the model holds ``Q + U Vᵀ``;
-    a real format keeps ``Q``'s codes and ``U``, ``V`` at ``factor_bits``).
-
-    ``reference_weights``: the unquantized model, or ``{name: W}`` (out, in) per linear.
-    ``info``: ``rank``, ``n_layers``, ``lorc_params``, ``bpw_added`` (bits per weight the factors
-    add over these linears), ``error_before`` / ``error_after`` (Σ of ‖·‖²_F over the layers).
-    """
-    from edgellm.lowrank.lorc import lorc_factors
-    from edgellm.models import linear_layers
-
-    if isinstance(reference_weights, torch.nn.Module):
-        reference_weights = {n: m.weight for n, m in linear_layers(reference_weights).items()}
-    lins = linear_layers(model)
-    missing = [n for n in reference_weights if n not in lins]
-    if missing:
-        raise LowRankError(f"reference weights for {missing[:3]} have no linear in the model")
-    factors, extra, total, before, after = {}, 0, 0, 0.0, 0.0
-    for name, W in reference_weights.items():
-        lin = lins[name]
-        Q = lin.weight.detach().float()
-        U, V = lorc_factors(W.detach().float(), Q, rank)
-        before += float((W.double() - Q.double()).square().sum())
-        lin.weight.copy_((Q + U @ V.T).to(lin.weight.dtype))
-        after += float((W.double() - lin.weight.double()).square().sum())
-        factors[name] = (U, V)
-        extra += U.numel() + V.numel()
-        total += W.numel()
-    info = {"lorc_rank": rank, "n_layers": len(factors), "lorc_params": extra,
-            "bpw_added": factor_bits * extra / max(total, 1), "error_before": before,
-            "error_after": after}
-    return LoRCResult(factors, info)
 
 
 def factorize_record(model_name: str = DEFAULT_MODEL, *, method: str = "svd",

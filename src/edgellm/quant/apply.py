@@ -7,6 +7,10 @@ One call quantizes a model in place by method name (``rtn``, ``gptq``, ``awq``, 
 (:mod:`edgellm.cli.quantize`, which only parses and checks flags) prints;
 :func:`production_record` does the same for the production libraries (``edgellm bnb`` /
 ``edgellm torchao``).  Notebooks call :func:`quantize_model` directly.
+
+Over 400 lines because it is the one explicit dispatch of every method and option (weights,
+activations, KV cache, LoRC, the production libraries): each branch is a few lines calling its
+own module, and splitting them would scatter the order of the steps across files.
 """
 
 from __future__ import annotations
@@ -20,16 +24,28 @@ from edgellm.quant.result import QuantResult
 METHODS = ("rtn", "gptq", "awq", "imatrix", "gguf", "smoothquant", "llm_int8", "rotate", "lwc")
 CALIBRATED = ("gptq", "awq", "imatrix", "lwc")  # weight quantizers that need calibration inputs
 A_FORMATS = ("int", "fp8")
+# LoRC fits W − Q with W the weights the quantizer was given: every method whose model holds
+# fake-quantized weights of its own input (AWQ rescales weights and norms inside its search;
+# llm_int8 keeps int8 codes and quantizes at run time)
+LORC_METHODS = ("rtn", "gptq", "imatrix", "gguf", "smoothquant", "rotate", "lwc")
 DECODE_PROMPT_TOKENS = 32  # untimed prompt before the timed decode steps
 
 
 def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: str = "int",
                   a_static: bool = False, alpha: float = 0.5, kv_bits: int | None = None,
                   threshold: float | None = 6.0, bpw_budget: float | None = None,
-                  qtype: str = "Q4_0", bits: int = 4) -> None:
-    """Reject bad combinations before any work (raises :class:`QuantError`)."""
+                  qtype: str = "Q4_0", bits: int = 4, keep_salient: float | None = None,
+                  salient_by: str = "act", lorc_rank: int = 0) -> None:
+    """Reject bad combinations before any work (raises :class:`QuantError`; a bad LoRC rank
+    :class:`edgellm.lowrank.svd.LowRankError`)."""
     from edgellm.quant.qtensor import QuantError
     from edgellm.quant.rtn import check_bits
+    from edgellm.quant.salient import check_salient
+
+    check_salient(keep_salient, salient_by)
+    if keep_salient is not None and (method != "rtn" or bpw_budget is not None):
+        raise QuantError("--keep-salient is AWQ's motivation experiment on plain RTN; use it "
+                         "with --method rtn and without --bpw-budget")
 
     if method not in METHODS:
         raise QuantError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -64,6 +80,17 @@ def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: s
         check_threshold(threshold)
         if bpw_budget is not None:
             raise QuantError("llm_int8 stores every weight in int8; --bpw-budget does not apply")
+    if lorc_rank:
+        from edgellm.lowrank.apply import check_lorc_rank
+
+        check_lorc_rank(lorc_rank)
+        if method not in LORC_METHODS:
+            why = ("stores int8 codes and quantizes at run time: there are no fake-quantized "
+                   "weights to correct" if method == "llm_int8" else
+                   "rescales the weights and the norms inside its search, so W − Q is not "
+                   "defined against the weights it was given")
+            raise QuantError(f"--lorc-rank does not apply to --method {method}: it {why}; use "
+                             f"one of {', '.join(LORC_METHODS)}")
     if kv_bits is not None and not (kv_bits == 16 or 2 <= kv_bits <= 8):
         raise QuantError(f"kv_bits={kv_bits} is not supported; the KV cache takes 2–8 bits "
                          "(or 16 = fp16)")
@@ -114,8 +141,13 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
                    seq_len: int = 512, seed: int = 0, progress: bool = False,
                    a_bits: int | None = None, a_format: str = "int", a_static: bool = False,
                    alpha: float = 0.5, kv_bits: int | None = None,
-                   threshold: float | None = 6.0) -> QuantResult:
+                   threshold: float | None = 6.0, keep_salient: float | None = None,
+                   salient_by: str = "act", lorc_rank: int = 0) -> QuantResult:
     """Quantize ``model`` in place by method name; return a :class:`QuantResult`.
+
+    ``keep_salient`` (a fraction, e.g. 0.01) restores that share of each linear's input
+    channels to full precision after RTN, chosen ``salient_by`` activation magnitude, weight
+    magnitude or at random (AWQ's motivation experiment, :mod:`edgellm.quant.salient`).
 
     The library entry point behind ``edgellm quantize`` (notebooks call it too).  Order:
     rotation / smoothing (function-preserving transforms), weight quantization, then the
@@ -123,6 +155,11 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
     result's ``info`` is the JSON-ready record of the run (``method``, ``bits``, …,
     ``method_info`` for what a method reports about itself, ``seconds_quantize``); LWC's
     learned clipping strengths are its ``clips``.
+
+    ``lorc_rank`` K > 0 adds LoRC (ZeroQuant-V2) after the weight quantizer: each quantized
+    linear then holds ``Q + U Vᵀ``, the rank-K SVD of its error ``W − Q`` against the weights
+    the quantizer was given (after a rotation / smoothing); ``info["lorc"]`` says what it
+    added (:func:`edgellm.lowrank.apply.apply_lorc`, factors counted at fp16).
     """
     import torch
 
@@ -130,7 +167,8 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
 
     check_options(method, a_bits=a_bits, a_format=a_format, a_static=a_static, alpha=alpha,
                   kv_bits=kv_bits, threshold=threshold, bpw_budget=bpw_budget, qtype=qtype,
-                  bits=bits)
+                  bits=bits, keep_salient=keep_salient, salient_by=salient_by,
+                  lorc_rank=lorc_rank)
     info = {"method": method, "bits": bits, "group_size": group_size, "sym": sym,
             "a_bits": a_bits, "a_format": a_format if a_bits is not None else None,
             "a_static": a_static if a_bits is not None else None,
@@ -139,6 +177,13 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
     t0 = time.perf_counter()
     ids = None
     clips = None
+    given = {}  # LoRC: the weights the quantizer is given, {name: W (out, in)}
+
+    def keep_weights():
+        if lorc_rank:
+            from edgellm.models import linear_layers
+
+            given.update({n: m.weight.detach().clone() for n, m in linear_layers(model).items()})
 
     def calibration():
         nonlocal ids
@@ -153,6 +198,7 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
         from edgellm.quant.gguf_formats import TYPE_BITS, apply_gguf
 
         qtype = qtype.upper()
+        keep_weights()
         qts = apply_gguf(model, qtype, progress=progress)
         info.update(type=qtype, bits=TYPE_BITS.get(qtype), sym=None,
                     group_size=None if qtype == "F16" else 32)
@@ -178,19 +224,43 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
             sq = apply_smoothquant(model, ids, alpha, progress=progress)
             info["act_absmax_before"] = sq["act_absmax_before"]
             info["act_absmax_after"] = sq["act_absmax_after"]
+        if keep_salient is not None:
+            from edgellm.models import linear_layers
+            from edgellm.quant.salient import mean_abs_inputs, restore_salient
+
+            lins = linear_layers(model)
+            originals = {n: lin.weight.detach().float().clone() for n, lin in lins.items()}
+            mags = mean_abs_inputs(model, calibration(), lins) if salient_by == "act" else None
+        keep_weights()
         res = quantize_weights(model, ids, method=method, bits=bits, group_size=group_size,
                                sym=sym, bpw_budget=bpw_budget, progress=progress)
         qts, clips = res.qtensors, res.clips
+        if keep_salient is not None:
+            info.update(keep_salient=keep_salient, salient_by=salient_by,
+                        **restore_salient(lins, originals, keep_salient, salient_by,
+                                          act_mag=mags, seed=seed))
         if bpw_budget is not None:
             info["bpw_budget"] = bpw_budget
         if res.info:  # what a method reports about itself (mixed: the bits per layer)
             info["method_info"] = res.info
+        if given:  # LoRC, before the activation quantizers wrap the linears
+            from edgellm.lowrank.apply import apply_lorc
+
+            lorc = apply_lorc(model, {n: given.pop(n) for n in qts}, lorc_rank)
+            given.clear()
+            info["lorc"] = lorc.info
         if a_bits is not None:
             from edgellm.quant.actquant import apply_act_quant
 
             aq = apply_act_quant(model, a_bits=a_bits, a_format=a_format,
                                  static=a_static, calib=calibration() if a_static else None)
             info["granularity"] = aq["granularity"]
+    if given:  # gguf
+        from edgellm.lowrank.apply import apply_lorc
+
+        info["lorc"] = apply_lorc(model, {n: given.pop(n) for n in qts}, lorc_rank).info
+        given.clear()
+    info["rank"] = lorc_rank
     if kv_bits is not None:
         from edgellm.quant.kv import apply_kv_quant
 
@@ -212,13 +282,19 @@ def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
     what a real format holds)."""
     import os
 
+    from edgellm.lowrank.lorc import lorc_size
     from edgellm.measure import merge, peak_rss_bytes
     from edgellm.metrics import evaluate_paired
-    from edgellm.models import load_model
+    from edgellm.models import load_model, n_params
     from edgellm.quant.size import model_size
     from edgellm.records import record
 
     eval_settings = eval_settings or EvalSettings()
+    if out and settings.get("lorc_rank"):
+        from edgellm.quant.qtensor import QuantError
+
+        raise QuantError("--out saves the packed codes and scales only, not LoRC's factors; "
+                         "drop --out or --lorc-rank")
     model, tok = load_model(model_name, quiet=not progress)
     res = quantize_model(model, tok, seed=seed, progress=progress, **settings)
     info = res.info
@@ -231,6 +307,7 @@ def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
         info["clips_file"] = str(save_clips)
     rec = {**info, **model_size(model, res.qtensors), "ppl": None, "ppl_base": None,
            "kl_mean": None}
+    rec.update(lorc_size(rec, info.get("lorc"), n_params(model)))
     if out:
         from edgellm.quant.save import WEIGHTS, save_quantized
 

@@ -21,7 +21,8 @@ ideas make that fast and stable:
 
 Damping adds ``damp · mean(diag(H))`` to the diagonal so the Cholesky factorisation exists.
 Grouped quantization takes each group's scale/offset when the group's first column is reached,
-from the *updated* weights of that group (as the reference implementation does).
+from the fully *updated* weights of that group; the reference implementation takes them from
+``W`` as it stood when the current block of 128 columns started (``group_params="block_start"``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from edgellm.quant.rtn import (
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int | None = 64,
                   sym: bool = False, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, static_groups: bool = False,
-                  scale_dtype: torch.dtype | None = torch.float16):
+                  scale_dtype: torch.dtype | None = torch.float16,
+                  group_params: str = "current"):
     """GPTQ-quantize one weight matrix.
 
     ``W`` (out, in) weights; ``H`` (in, in) Hessian ``2 XᵀX / n`` of the layer's inputs.
@@ -55,7 +57,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     ``diag(H)``; groups stay contiguous in the original column order, and each group's
     parameters are taken when its first column (in processing order) is reached, from the
     current weights of all its columns; ``static_groups=True`` takes every group's parameters
-    from the original ``W`` up front instead.
+    from the original ``W`` up front instead.  ``group_params="block_start"`` takes them from
+    the weights as they stood when the current block of ``block_size`` columns started (the
+    reference implementation's convention: updates from earlier columns of the same block are
+    not yet in ``W``); ``"current"`` (ours) from the fully updated weights.
 
     Returns ``(Q, qtensor)``: ``Q`` (out, in) float32 the dequantized weights, and the
     :class:`QTensor` of codes, scales and offsets (``qtensor.dequantize()`` equals ``Q``).
@@ -64,10 +69,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     # multi-threaded LAPACK spinning) cost far more than they save
     with single_thread():
         return _gptq(W, H, bits, group_size, sym, damp, block_size, act_order, static_groups,
-                     scale_dtype)
+                     scale_dtype, group_params)
 
 
-def _gptq(W, H, bits, group_size, sym, damp, block_size, act_order, static_groups, scale_dtype):
+def _gptq(W, H, bits, group_size, sym, damp, block_size, act_order, static_groups, scale_dtype,
+          group_params="current"):
+    if group_params not in ("current", "block_start"):
+        raise QuantError(f"group_params={group_params!r}; use 'current' or 'block_start'")
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise QuantError(f"W must be (out, in) and H (in, in); got W {tuple(W.shape)}, "
                          f"H {tuple(H.shape)}")
@@ -112,7 +120,8 @@ def _gptq(W, H, bits, group_size, sym, damp, block_size, act_order, static_group
             g = col // gs
             if not have[g]:  # the group starts here: parameters from its current weights
                 cols = pos[g * gs:(g + 1) * gs]  # processing positions of its columns
-                cur = _current(W, W1, Err1, Hinv, cols, i1, i, i2)  # (out, gs)
+                cur = (_current(W, W1, Err1, Hinv, cols, i1, i, i2) if group_params == "current"
+                       else W[:, cols])  # (out, gs); W: as at the block's start
                 s, o = minmax_params(cur, bits, sym, scale_dtype)  # (out, 1) each
                 scale[:, g], offset[:, g], have[g] = s[:, 0], o[:, 0], True
             w = W1[:, i]  # (out,)

@@ -1,0 +1,396 @@
+"""LoRA on a model: from scratch (:func:`apply_lora`), through peft (DoRA, PiSSA, LoftQ, rsLoRA),
+QLoRA on a bitsandbytes NF4 base, adapters saved in peft's format, and :func:`finetune`, the
+library entry point of ``edgellm finetune``.
+
+Which linears get an adapter (``targets``)::
+
+    qv    q_proj, v_proj                         (the original LoRA paper's choice)
+    attn  q_proj, k_proj, v_proj, o_proj
+    all   the attention and MLP linears (gate_proj, up_proj, down_proj too; QLoRA's choice)
+
+The tied embedding / lm_head is never adapted.  Methods (``method``)::
+
+    lora   our LoRALinear (edgellm.lora.layers), saved in peft's format
+    dora   peft, use_dora (Liu et al. 2024: magnitude and direction trained apart)
+    pissa  peft, init_lora_weights="pissa" (Meng et al. 2024: A, B from W's top singular vectors)
+    loftq  peft, LoftQ initialisation (Li et al. 2023: A, B fitted to the 4-bit error of W)
+    qlora  bitsandbytes NF4 base (+ double quantization), prepare_model_for_kbit_training, peft
+           LoRA (Dettmers et al. 2023)
+    full   every parameter trained (the reference)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from edgellm.lora.adapters import (  # noqa: F401  (re-exported)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EDGELLM_META,
+    adapter_bytes,
+    adapter_param_bytes,
+    adapter_state_dict,
+    base_fingerprint,
+    check_adapter_base,
+    read_adapter_meta,
+    save_adapter,
+)
+from edgellm.lora.evaluate import (  # noqa: F401
+    base_cache_key,
+    base_scores,
+    evaluate_task,
+    store_base,
+)
+from edgellm.lora.layers import TARGETS, LoRAError, LoRALinear, lora_layers  # noqa: F401
+from edgellm.models import linear_layers
+
+METHODS = ("lora", "qlora", "full", "dora", "pissa", "loftq")
+PEFT_METHODS = ("dora", "pissa", "loftq", "qlora")
+
+
+def check_lora_args(*, method: str = "lora", rank: int = 8, alpha: float | None = None,
+                    targets: str = "all", dropout: float = 0.0) -> None:
+    """Reject bad settings before any model is loaded (raises :class:`LoRAError`)."""
+    if method not in METHODS:
+        raise LoRAError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if targets not in TARGETS:
+        raise LoRAError(f"unknown targets {targets!r}; use qv (q_proj, v_proj), attn (q, k, v, "
+                        "o_proj) or all (attention and MLP linears)")
+    if method != "full" and (not isinstance(rank, int) or rank < 1):
+        raise LoRAError(f"rank={rank} must be a positive integer (typical: 4 to 64)")
+    if alpha is not None and not alpha > 0:
+        raise LoRAError(f"alpha={alpha} must be > 0 (default: alpha = rank, scaling 1)")
+    if not 0.0 <= dropout < 1.0:
+        raise LoRAError(f"dropout={dropout} must be in [0, 1)")
+
+
+def target_linears(model, targets: str = "all") -> dict[str, torch.nn.Linear]:
+    """The decoder linears ``targets`` names, by full module name."""
+    if targets not in TARGETS:
+        check_lora_args(targets=targets)
+    roles = TARGETS[targets]
+    return {n: m for n, m in linear_layers(model).items() if n.rsplit(".", 1)[-1] in roles}
+
+
+def check_rank(model, rank: int, targets: str = "all") -> None:
+    """``rank`` fits every targeted linear: 1 ≤ rank ≤ min(out, in)."""
+    check_lora_args(rank=rank, targets=targets)
+    layers = target_linears(model, targets)
+    if not layers:
+        raise LoRAError(f"the model has no {targets!r} linears ({', '.join(TARGETS[targets])})")
+    name, small = min(layers.items(), key=lambda kv: min(kv[1].weight.shape))
+    if rank > min(small.weight.shape):
+        o, i = small.weight.shape
+        raise LoRAError(f"rank={rank} is larger than {name} ({o}×{i}) allows: use a rank ≤ "
+                        f"{min(o, i)}")
+
+
+def _set_module(model, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_lora(model, *, rank: int = 8, alpha: float | None = None, targets: str = "all",
+               dropout: float = 0.0, rslora: bool = False, seed: int = 0) -> dict[str, LoRALinear]:
+    """Freeze ``model`` and put a :class:`LoRALinear` around every targeted linear (in place).
+
+    ``alpha`` defaults to ``rank`` (scaling 1).  ``A`` is drawn from a generator seeded by
+    ``seed``, layer after layer in module order.  Returns ``{name: LoRALinear}``.
+    """
+    check_rank(model, rank, targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    out = {}
+    for name, lin in target_linears(model, targets).items():
+        out[name] = LoRALinear(lin, rank, alpha, dropout=dropout, rslora=rslora)
+        _set_module(model, name, out[name])
+    return out
+
+
+def merge_lora(model) -> None:
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge_lora(model) -> None:
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+def trainable_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# peft
+
+
+def peft_config(*, method: str = "lora", rank: int = 8, alpha: float | None = None,
+                targets: str = "all", dropout: float = 0.0, rslora: bool = False,
+                base: str | None = None):
+    """The peft ``LoraConfig`` of our settings (``method`` picks DoRA / PiSSA / LoftQ)."""
+    from peft import LoftQConfig, LoraConfig
+
+    kwargs = {}
+    if method == "dora":
+        kwargs["use_dora"] = True
+    elif method == "pissa":
+        kwargs["init_lora_weights"] = "pissa"
+    elif method == "loftq":
+        kwargs.update(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4))
+    return LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
+                      lora_dropout=dropout, target_modules=list(TARGETS[targets]),
+                      use_rslora=rslora, bias="none", task_type="CAUSAL_LM",
+                      base_model_name_or_path=base, **kwargs)
+
+
+def apply_peft(model, *, method: str = "lora", rank: int = 8, alpha: float | None = None,
+               targets: str = "all", dropout: float = 0.0, rslora: bool = False, seed: int = 0,
+               check: bool = True):
+    """``peft.get_peft_model`` with :func:`peft_config`: the peft model (the base is wrapped).
+    ``check``: check the rank against the linears' shapes (off for packed 4-bit weights)."""
+    from peft import get_peft_model
+
+    if check:
+        check_rank(model, rank, targets)
+    torch.manual_seed(seed)
+    try:
+        cfg = peft_config(method=method, rank=rank, alpha=alpha, targets=targets,
+                          dropout=dropout, rslora=rslora)
+    except ImportError as e:  # LoftQ's initialisation needs scipy
+        raise LoRAError(f"method {method!r} needs a package that is not installed ({e}); "
+                        "install it (pip install scipy) or use another --method") from None
+    return get_peft_model(model, cfg)
+
+
+def check_bnb() -> None:
+    """bitsandbytes imports and runs a 4-bit matmul on the CPU, else a clear :class:`LoRAError`."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+        w = torch.randn(64, 64)
+        q, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+        dequantize_4bit(q, state)
+        del bnb
+    except Exception as e:  # ImportError, a missing native library, an unsupported CPU …
+        raise LoRAError(f"qlora needs bitsandbytes with its CPU backend, which cannot load here "
+                        f"({type(e).__name__}: {str(e)[:200]}); pip install 'bitsandbytes>=0.45' "
+                        "or use --method lora") from None
+
+
+def apply_qlora(model, *, rank: int = 8, alpha: float | None = None, targets: str = "all",
+                dropout: float = 0.0, rslora: bool = False, seed: int = 0,
+                grad_checkpointing: bool = False):
+    """QLoRA: every decoder linear to bitsandbytes NF4 with double quantization (fp32 compute),
+    ``prepare_model_for_kbit_training``, then peft LoRA adapters in fp32."""
+    from peft import prepare_model_for_kbit_training
+
+    from edgellm.quant.backends.bitsandbytes import apply_bnb
+
+    check_bnb()
+    check_rank(model, rank, targets)
+    apply_bnb(model, "nf4", double_quant=True)
+    model.is_loaded_in_4bit = True   # what prepare_model_for_kbit_training looks for
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
+    return apply_peft(model, method="lora", rank=rank, alpha=alpha, targets=targets,
+                      dropout=dropout, rslora=rslora, seed=seed, check=False)
+
+
+def load_adapter(model, folder):
+    """Put a saved adapter on ``model``: ours (plain LoRA) as :class:`LoRALinear` layers, any
+    other peft adapter (DoRA …) with ``PeftModel.from_pretrained``.  Returns the model."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    meta = check_adapter_base(model, folder)
+    cfg = meta["peft"]
+    plain = (cfg.get("peft_type") == "LORA" and not cfg.get("use_dora")
+             and cfg.get("init_lora_weights") in (True, None))
+    if not plain:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(folder))
+    roles = set(cfg["target_modules"])
+    targets = next((t for t, r in TARGETS.items() if set(r) == roles), None)
+    if targets is None:
+        raise LoRAError(f"{folder}: target_modules {sorted(roles)} is not one of qv, attn, all")
+    apply_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], targets=targets,
+               rslora=bool(cfg.get("use_rslora")))
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    for name, m in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            t = state.get(f"base_model.model.{name}.{part}.weight")
+            if t is None or t.shape != getattr(m, part).shape:
+                raise LoRAError(f"{folder}: {part} of {name} is missing or has the wrong shape; "
+                                "the adapter does not match this model")
+            getattr(m, part).data.copy_(t)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# the library entry point
+
+
+def keep_initial_adapter(model) -> Path:
+    """Save a PiSSA / LoftQ model's initial adapter (A₀, B₀) to a temporary folder, which
+    :func:`save_adapter` needs to express the trained adapter on the original weights."""
+    import atexit
+    import shutil
+    import tempfile
+
+    init_dir = Path(tempfile.mkdtemp(prefix="edgellm-lora-init-"))
+    atexit.register(shutil.rmtree, init_dir, ignore_errors=True)
+    cfg = model.peft_config["default"]
+    init, cfg.init_lora_weights = cfg.init_lora_weights, True  # reload as-is, no re-init
+    model.save_pretrained(str(init_dir))
+    cfg.init_lora_weights = init
+    model.edgellm_init_dir = str(init_dir)
+    return init_dir
+
+
+def prepare(model, *, method: str, rank: int, alpha, targets: str, dropout: float,
+            rslora: bool, seed: int, grad_checkpointing: bool):
+    """Make ``model`` trainable the ``method`` way; returns ``(model, adapter_config)``."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        cfg = None
+    elif method == "lora":
+        apply_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout,
+                   rslora=rslora, seed=seed)
+        cfg = peft_config(rank=rank, alpha=alpha, targets=targets, dropout=dropout,
+                          rslora=rslora, base=model.config._name_or_path)
+    elif method == "qlora":
+        model = apply_qlora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout,
+                            rslora=rslora, seed=seed, grad_checkpointing=grad_checkpointing)
+        cfg = model.peft_config["default"]
+    else:
+        model = apply_peft(model, method=method, rank=rank, alpha=alpha, targets=targets,
+                           dropout=dropout, rslora=rslora, seed=seed)
+        cfg = model.peft_config["default"]
+        if method in ("pissa", "loftq"):
+            keep_initial_adapter(model)
+    if grad_checkpointing and method != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    return model, cfg
+
+
+def finetune(model_name: str | None = None, *, method: str = "lora", rank: int = 8,
+             alpha: float | None = None, targets: str = "all", dropout: float = 0.0,
+             rslora: bool = False, steps: int = 100, lr: float = 5e-4, batch_size: int = 8,
+             seq_len: int = 128, task: str = "funcname", grad_checkpointing: bool = False,
+             out=None, evaluate: bool = True, max_examples: int | None = None,
+             shuffle_labels: bool = False, seed: int = 0, progress: bool = False) -> dict:
+    """Fine-tune ``model_name`` on ``task`` and return the record of ``edgellm finetune``.
+
+    Trains with :func:`edgellm.train.train` on left-padded chat-template batches, the loss on
+    the answer tokens only (AdamW, linear decay after 10 % warm-up, gradient norm clipped to
+    1).  With ``evaluate`` the base model (best prompt) and the tuned model (training prompt)
+    are scored on the test split.  ``out`` receives the adapter (or, for ``full``, nothing:
+    the record only).
+    """
+    from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_batches, answer_loss
+    from edgellm.lora.task import load_task
+    from edgellm.measure import peak_rss_bytes, protocol
+    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.records import record
+    from edgellm.train import train
+
+    check_lora_args(method=method, rank=rank, alpha=alpha, targets=targets, dropout=dropout)
+    if method == "qlora":
+        check_bnb()
+    model_name = model_name or DEFAULT_MODEL
+    t_start = time.perf_counter()
+    the_task = load_task(task)
+    if not the_task.split("train") or not the_task.split("test"):
+        raise LoRAError(f"task {task!r} needs train and test items")
+    model, tok = load_model(model_name, quiet=not progress)
+    model, cfg = prepare(model, method=method, rank=rank, alpha=alpha, targets=targets,
+                         dropout=dropout, rslora=rslora, seed=seed,
+                         grad_checkpointing=grad_checkpointing)
+    n_trainable = trainable_params(model)
+    batches = answer_batches(tok, Prompting.from_style(TRAIN_STYLE), the_task.split("train"),
+                             steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                             shuffle_labels=shuffle_labels)
+    res = train(model, None, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                loss_fn=answer_loss, batches=batches, schedule="linear",
+                warmup_steps=steps // 10, max_grad_norm=1.0, seed=seed, progress=progress,
+                desc=f"{method} r={rank}")
+    fed = sum(int(b["attention_mask"].sum()) for b in batches[:steps])
+    rec = {"method": method, "task": task, "model": model_name, "rank": rank,
+           "alpha": float(rank if alpha is None else alpha), "targets": targets,
+           "dropout": dropout, "rslora": rslora, "steps": steps, "lr": lr,
+           "batch_size": batch_size, "seq_len": seq_len, "shuffle_labels": shuffle_labels,
+           "grad_checkpointing": grad_checkpointing, "trainable_params": n_trainable,
+           "task_sha256": the_task.sha256, "train_prompt_style": TRAIN_STYLE,
+           "loss_first": res.losses[0] if res.losses else None,
+           "loss_last": sum(res.losses[-10:]) / len(res.losses[-10:]) if res.losses else None,
+           "train_seconds": res.seconds,
+           "train_tokens_per_s": fed / res.seconds if res.seconds else None,
+           "speed_protocol": {"train_tokens_per_s": protocol(
+               "train", batch=batch_size, seq_len=seq_len, steps=steps,
+               tokens="non-padding tokens of the left-padded chat batches (prompt + answer)")}}
+    if method == "full":
+        rec["adapter_bytes"] = None
+    else:
+        rec["adapter_bytes"] = adapter_param_bytes(model)
+    if evaluate:
+        ev = evaluate_task(model, tok, the_task, style=TRAIN_STYLE, max_examples=max_examples,
+                           progress=progress)
+        rec.update({k: ev[k] for k in ("accuracy", "accuracy_se", "format_valid", "n_test",
+                                       "ppl", "examples", "eval_seconds")})
+    if out is not None and method != "full":
+        save_adapter(model, out, config=cfg,
+                     meta={"task": task, "method": method, "train_prompt_style": TRAIN_STYLE,
+                           "task_sha256": the_task.sha256})
+        rec["adapter_bytes"] = adapter_bytes(out)
+        rec["out"] = str(out)
+    rec["peak_rss_bytes"] = peak_rss_bytes()   # training and the tuned model's evaluation
+    if evaluate:  # the best-prompted base model, freshly loaded (cached per model, task, prompt)
+        del model
+        base_model, _ = load_model(model_name, quiet=True)
+        rec.update(base_scores(base_model, tok, the_task, model_name=model_name,
+                               max_examples=max_examples, progress=progress))
+    rec["seconds"] = time.perf_counter() - t_start
+    return record(rec, seed=seed, protocol="greedy-exact-match", data=task)
+
+
+def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcname",
+              style: str | None = None, max_examples: int | None = None,
+              batch_size: int = 32, progress: bool = False) -> dict:
+    """The record of ``edgellm eval-task``: a model (and optionally an adapter) on a task.
+
+    ``style`` defaults to the best base prompt for a bare model and to the adapter's training
+    prompt for an adapter."""
+    from edgellm.lora.chat import BEST_BASE_STYLE
+    from edgellm.lora.task import load_task
+    from edgellm.measure import peak_rss_bytes
+    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.records import record
+
+    model_name = model_name or DEFAULT_MODEL
+    t0 = time.perf_counter()
+    the_task = load_task(task)
+    if not the_task.split("test"):
+        raise LoRAError(f"task {task!r} has no test items")
+    model, tok = load_model(model_name, quiet=not progress)
+    if adapter is not None:
+        meta = check_adapter_base(model, adapter)
+        model = load_adapter(model, adapter)
+        style = style or meta.get("train_prompt_style", BEST_BASE_STYLE)
+    style = style or BEST_BASE_STYLE
+    ev = evaluate_task(model, tok, the_task, style=style, max_examples=max_examples,
+                       batch_size=batch_size, progress=progress)
+    if adapter is None and style == BEST_BASE_STYLE:  # finetune --eval reuses it as the baseline
+        store_base(base_cache_key(model_name, the_task, style, max_examples), ev)
+    rec = {"model": model_name, "adapter": None if adapter is None else str(adapter),
+           "task": task, "task_sha256": the_task.sha256, **ev,
+           "peak_rss_bytes": peak_rss_bytes(), "seconds": time.perf_counter() - t0}
+    return record(rec, protocol="greedy-exact-match", data=task)
