@@ -46,6 +46,19 @@ NOTEBOOK_RUN_KINDS = {
 }
 
 
+# Lessons whose sections do not yet each run after a kernel restart (issue: every section of a
+# lesson must).  Every other lesson of notebooks/ runs with a ``%reset -f`` before each ``## ``
+# section in the "all" run, so a section that leans on an earlier one fails its test.
+SECTIONS_NOT_YET_STANDALONE = {"00_setup_and_tour", "01_perplexity", "02_number_formats",
+                               "03_weight_quantization", "04_activation_quantization",
+                               "05_quantization_in_practice", "06_pruning", "08_low_rank"}
+
+
+def resets_sections(path, kind: str) -> bool:
+    return (kind == "all" and path.parent.parent.name != "fixtures"
+            and path.parent.name == "notebooks" and path.stem not in SECTIONS_NOT_YET_STANDALONE)
+
+
 @pytest.fixture(scope="session")
 def notebook_run():
     """``notebook_run(path, kind="all") -> edgellm.course.run.NotebookRun`` in FAST mode.
@@ -70,7 +83,8 @@ def notebook_run():
         if key not in cache:
             stop, env = NOTEBOOK_RUN_KINDS[kind]
             out = ROOT / "build" / "test-runs" / kind / path.parent.name / path.name
-            cache[key] = run_notebook(path, out, fast=True, stop_on_error=stop, env=env)
+            cache[key] = run_notebook(path, out, fast=True, stop_on_error=stop, env=env,
+                                      reset_sections=resets_sections(path, kind))
         return cache[key]
 
     return run

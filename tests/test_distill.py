@@ -5,6 +5,7 @@ the derived-model mechanism and bad input (tiny model and toy tensors, seconds).
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,8 +350,11 @@ def test_derived_model_saves_and_loads(tmp_path, monkeypatch):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tkm.WordLevel({"a": 0, "[UNK]": 1},
                                                                             unk_token="[UNK]")))
     student, _ = make_student(tiny_llama(n_layers=4), "drop-layers", ratio=0.5, calib=CALIB)
-    folder = models.save_derived("smollm2-135m-draft", student, tok, kept=[0, 3])
-    assert json.loads((folder / "MANIFEST.json").read_text())["kept"] == [0, 3]
+    # the keys distill's record passes, `model` (the teacher's name) among them
+    folder = models.save_derived("smollm2-135m-draft", student, tok, kept=[0, 3],
+                                 model="smollm2-135m", student="drop-layers")
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert (manifest["kept"], manifest["model"]) == ([0, 3], "smollm2-135m")
     loaded, _ = models.load_model("smollm2-135m-draft")
     assert loaded.config.num_hidden_layers == 2
     ids = CALIB[:1]
@@ -374,6 +378,9 @@ class CharTok:
 
     def decode(self, ids, **kw):
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "tokenizer.txt").write_text("bytes as token ids\n")
 
 
 @pytest.fixture
@@ -409,6 +416,15 @@ def test_distill_record_keys_and_protocol(tiny_record):
     assert rec["speed_protocol"]["train_tokens_per_s"]["name"] == "train"
     check_speed_keys(rec)
     json.dumps(rec)
+
+
+def test_distill_record_saves_the_draft_under_its_name(tiny_record, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    rec = tiny_record(loss="fkl", save_as="smollm2-135m-draft")
+    assert rec["saved_as"] == "smollm2-135m-draft" and rec["saved_folder_bytes"] > 0
+    folder = tmp_path / "derived" / "smollm2-135m-draft"
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert (manifest["model"], manifest["student"], manifest["steps"]) == ("tiny", "drop-layers", 3)
 
 
 def test_distill_record_control_and_top_k_too_large(tiny_record):

@@ -299,9 +299,10 @@ def derived_folder(name: str) -> Path:
     return folder
 
 
-def save_derived(name: str, model, tokenizer, **about) -> Path:
+def save_derived(name: str, model, tokenizer, /, **about) -> Path:
     """Save ``model`` and ``tokenizer`` as the derived model ``name`` (safetensors and a
-    manifest, written atomically, replacing an older build); return its folder."""
+    manifest, written atomically, replacing an older build); return its folder.  ``about`` goes
+    into the manifest and may use any key, ``model`` included (the teacher's name)."""
     if name not in DERIVED:
         raise ModelUnavailable(f"{name!r} is not a derived model name; known: "
                                f"{', '.join(sorted(DERIVED))}")
