@@ -117,12 +117,16 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_out_dir(path, flag: str) -> None:
+def check_out_dir(path, flag: str, *, empty: bool = False) -> None:
     """A folder the command will write: it is a folder, or can be created here; checked before
-    anything long runs, so a bad ``--out`` fails in milliseconds, not after the work."""
+    anything long runs, so a bad ``--out`` fails in milliseconds, not after the work.
+    ``empty=True``: an existing folder must also be empty (nothing is ever written over)."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise UsageError(f"{flag} {path}: this is a file, not a folder; give a new or existing folder")
+    if empty and p.is_dir() and any(p.iterdir()):
+        raise UsageError(f"{flag} {path}: this folder is not empty; give a new or empty folder "
+                         "(nothing is overwritten)")
     _check_writable_parent(p, path, flag)
 
 

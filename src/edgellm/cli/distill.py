@@ -114,7 +114,6 @@ def run(args) -> dict:
 
 def check_args(args) -> None:
     """Every flag checked before a model is loaded (a bad value fails in milliseconds)."""
-    from pathlib import Path
 
     from edgellm.data import load_text
     from edgellm.distill.losses import DistillError, check_temperature
@@ -166,11 +165,7 @@ def check_args(args) -> None:
     if args.student != "none":
         load_text(args.calib, "train")
     if args.out:
-        check_out_dir(args.out, "--out")
-        p = Path(args.out).expanduser()
-        if p.is_dir() and any(p.iterdir()):
-            raise UsageError(f"--out {args.out}: this folder is not empty; give a new or empty "
-                             "folder (nothing is overwritten)")
+        check_out_dir(args.out, "--out", empty=True)
     if args.save_as and args.save_as not in DERIVED:
         raise UsageError(f"--save-as {args.save_as!r}: known derived names: "
                          f"{', '.join(sorted(DERIVED))}")

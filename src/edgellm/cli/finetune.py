@@ -107,11 +107,7 @@ def check_finetune_args(args) -> None:
     check_model_name(args.model)
     _check_task(args)
     if args.out:
-        check_out_dir(args.out, "--out")
-        out = Path(args.out).expanduser()
-        if out.is_dir() and any(out.iterdir()):
-            raise LoRAError(f"--out {args.out}: the folder is not empty; give a new folder "
-                            "(an adapter is never written over another)")
+        check_out_dir(args.out, "--out", empty=True)
         if args.method == "full":
             raise LoRAError("--out saves an adapter; a full fine-tune has none (drop --out)")
     if args.method == "qlora":
