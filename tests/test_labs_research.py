@@ -219,6 +219,30 @@ def test_sparse24_task():
 
 
 # --------------------------------------------------------------------------------------------
+# lab 08: a low-rank layer that beats plain SVD on held-out inputs
+
+
+def test_lowrank_task():
+    from edgellm.lowrank.svd import truncated_svd
+    from edgellm.lowrank.svdllm import svdllm_factors
+
+    W, X, X_held = _weights(), _inputs(seed=1), _inputs(seed=2)      # held-out: other tokens
+    r = int(0.6 * W.shape[0] * W.shape[1] / sum(W.shape))
+    H = 2 * X.double().T @ X.double() / X.shape[0]
+    H = H + 0.01 * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    s = X.abs().mean(0).double()                                     # ASVD's channel scales
+    Bs, As = truncated_svd(W.double() * s, r)
+    good = [lc.lowrank_task(W, X_held, *svdllm_factors(W, H, r)),   # whitening (SVD-LLM)
+            lc.lowrank_task(W, X_held, Bs, As / s)]                  # channel scaling (ASVD)
+    baseline = lc.lowrank_task(W, X_held, *truncated_svd(W, r))
+    over_budget = lc.lowrank_task(W, X_held, *svdllm_factors(W, H, r + 8))
+    assert over_budget.target_met and "budget" in over_budget.violations[0]
+    _assert_grades(good, baseline, over_budget)
+    mismatched = lc.lowrank_task(W, X_held, Bs, As[:-1])
+    assert not mismatched.constraints_ok and "same r" in mismatched.violations[0]
+
+
+# --------------------------------------------------------------------------------------------
 # shared pieces
 
 

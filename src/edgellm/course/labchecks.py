@@ -23,6 +23,9 @@ lab    task                                                   grader
        RMS error ≥ 2 % below NF4's
 06     a 2:4-sparse ``mlp.down_proj``, output error ≥ 25 %    :func:`sparse24_task`
        below Wanda's 2:4 mask
+08     ``mlp.gate_proj`` as two factors with ≤ 60 % of its     :func:`lowrank_task`
+       parameters, held-out output error ≥ 20 % below plain
+       SVD's at the same budget
 =====  =====================================================  =========================================
 
 The tests in ``tests/test_labs_research.py`` run every grader on two different valid answers (both
@@ -351,3 +354,39 @@ def sparse24_task(W: torch.Tensor, X: torch.Tensor, W_sparse: torch.Tensor, *,
         violations.append(f"{bad} groups of 4 keep more than 2 weights")
     return Verdict("output error / Wanda 2:4's", _out_error(X, W, W_sparse) / base, 1 - gain, 1.0,
                    violations, {"sparsity": (W_sparse == 0).float().mean().item()})
+
+
+# --------------------------------------------------------------------------------------------
+# lab 08: a low-rank layer that beats plain SVD where it matters
+
+
+def lowrank_task(W: torch.Tensor, X_heldout: torch.Tensor, B: torch.Tensor, A: torch.Tensor, *,
+                 max_fraction: float = 0.6, gain: float = 0.20) -> Verdict:
+    """Lab 08: factors ``B`` (out, r) and ``A`` (r, in) holding at most ``max_fraction`` of
+    ``W``'s parameters, whose output error on held-out inputs ``X_heldout`` (tokens, in) is at
+    least ``gain`` below plain truncated SVD's at the same parameter budget (rank
+    ``⌊max_fraction · out·in / (out + in)⌋``).  ``value`` = held-out error / plain SVD's."""
+    from edgellm.lowrank.svd import truncated_svd
+
+    X = _tokens_by_in(X_heldout, W)
+    out_f, in_f = W.shape
+    r_svd = int(max_fraction * out_f * in_f / (out_f + in_f))
+    Bs, As = truncated_svd(W, r_svd)
+    base = _out_error(X, W, Bs @ As)
+    violations = []
+    if not (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor)) or B.dim() != 2 \
+            or A.dim() != 2 or B.shape[0] != out_f or A.shape[1] != in_f \
+            or B.shape[1] != A.shape[0]:
+        violations.append(f"B must be (out={out_f}, r) and A (r, in={in_f}) with the same r")
+        return Verdict("held-out error / plain SVD's", math.inf, 1 - gain, 1.0, violations)
+    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+        return Verdict("held-out error / plain SVD's", math.inf, 1 - gain, 1.0,
+                       ["B or A holds NaN/Inf"])
+    n_par = B.numel() + A.numel()
+    if n_par > max_fraction * W.numel():
+        violations.append(f"B and A hold {n_par} numbers, {n_par / W.numel():.1%} of W's; the "
+                          f"budget is {max_fraction:.0%}")
+    W_hat = B.double() @ A.double()
+    return Verdict("held-out error / plain SVD's", _out_error(X, W, W_hat) / base, 1 - gain, 1.0,
+                   violations, {"params_fraction": n_par / W.numel(), "rank": A.shape[0],
+                                "rank_plain_svd": r_svd})
