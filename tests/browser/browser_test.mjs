@@ -221,6 +221,12 @@ async function course(context, net) {
       mathOk = await page.waitForFunction(() => window.MathJax && window.MathJax.Hub &&
         document.querySelectorAll(".MathJax_CHTML, .mjx-chtml, mjx-container").length > 0,
         null, { timeout: 30_000 }).then(() => true, () => false);
+      // let MathJax finish its queue and its web fonts before leaving the page: leaving earlier
+      // aborts the font requests in flight, which would read as failed requests
+      await page.evaluate(() => new Promise((done) => window.MathJax.Hub.Queue(done)))
+        .catch(() => {});
+      await page.evaluate(() => document.fonts.ready.then(() => true)).catch(() => {});
+      await page.waitForLoadState("networkidle").catch(() => {});
     }
     if (info.widgetState && info.widgetViews) {
       widgetsOk = await page.waitForFunction(() =>
