@@ -1,4 +1,5 @@
-"""`make bench`: measure the foundation and weight quantization; record them in BENCHMARKS.md.
+"""`make bench`: measure the foundation, weight quantization, low-rank factorization and knowledge
+distillation; record them in BENCHMARKS.md.
 
 Also regenerates tests/fixtures/llamacpp_perplexity.json: llama.cpp's own llama-perplexity on an
 f32 GGUF converted from the cached default model, which a test compares with our `llamacpp`
@@ -286,7 +287,62 @@ def lowrank_section(shared: bool = False) -> list[str]:
     ]
 
 
-SECTIONS = ("foundation", "quant", "lowrank")
+def distill_benchmark(*, ratio: float = 0.2, batch_size: int = 4, seq_len: int = 256,
+                      top_k: int = 64, repeats: int = 5, seed: int = 0) -> dict:
+    """One KD training step against its parts, interleaved in one run (lesson 07, Performance):
+    :func:`edgellm.distill.teacher.step_times` on the first training batch of a student with
+    ``ratio`` of its layers dropped."""
+    from edgellm.data import get_calibration
+    from edgellm.distill.students import make_student
+    from edgellm.distill.teacher import step_times
+    from edgellm.train import train_windows
+
+    teacher, tok = load_model(quiet=True)
+    teacher.eval()
+    calib = get_calibration("pydoc", 8, seq_len, seed, tokenizer=tok)  # block influence
+    student, _ = make_student(teacher, "drop-layers", ratio=ratio, calib=calib)
+    batch = train_windows(get_tokens("pydoc", tok, "train"), batch_size, seq_len, seed)
+    r = step_times(student, teacher, batch, top_k=top_k, repeats=repeats)
+    return {**r, "ratio": ratio, "top_k": top_k, "threads": torch.get_num_threads(),
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def distill_section(shared: bool = False) -> list[str]:
+    """A KD step ≤ 1.3× (student step + teacher forward); how much of the top-k ceiling the
+    cached top-k logits reach (issue: lesson 07, Performance)."""
+    r = distill_benchmark()
+    ideal = r["seconds_student_step"] + r["seconds_teacher_forward"]
+    reached = ((r["topk_speedup"] - 1) / (r["topk_speedup_ceiling"] - 1)
+               if r["topk_speedup_ceiling"] > 1 else float("nan"))
+    note = " The machine was shared with other jobs while this ran." if shared else ""
+    B, T = r["step_time_batch"]
+    return [
+        "## Knowledge distillation (`scripts/bench.py --only distill`)",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. {r['threads']} torch "
+        f"thread(s). Student: the default model with {r['ratio']:.0%} of its layers dropped; "
+        f"one batch of {B}×{T} pydoc train tokens; each time the median of "
+        f"{r['step_time_repeats']} interleaved repeats (speed protocol `train`, one step: "
+        f"forward, backward, AdamW).{note}",
+        "",
+        "| what | seconds | ratio | goal |",
+        "|---|---|---|---|",
+        f"| teacher forward (no grad) | {r['seconds_teacher_forward']:.2f} | | |",
+        f"| student step, cross-entropy | {r['seconds_student_step']:.2f} | | |",
+        f"| sum of the two | {ideal:.2f} | 1.00 | |",
+        f"| KD step, forward KL, live teacher | {r['seconds_kd_step']:.2f} | "
+        f"{r['kd_overhead']:.2f} | ≤ 1.3 |",
+        f"| KD step, forward KL, cached top-{r['top_k']} + tail bucket | "
+        f"{r['seconds_kd_step_topk']:.2f} | {r['seconds_kd_step_topk'] / ideal:.2f} | |",
+        "",
+        f"Cached top-{r['top_k']} logits speed a KD step up {r['topk_speedup']:.2f}×; the ceiling "
+        f"(the student still computes full logits) is {r['topk_speedup_ceiling']:.2f}×, so they "
+        f"reach {reached:.0%} of the possible gain. Peak RSS of this run: "
+        f"{r['peak_rss_bytes'] / 2**30:.2f} GiB (goal ≤ 4 GB).",
+    ]
+
+
+SECTIONS = ("foundation", "quant", "lowrank", "distill")
 
 
 def main() -> None:
@@ -301,6 +357,10 @@ def main() -> None:
     if "lowrank" in only:
         lines = lowrank_section(opts.shared)
         write_section(lines, "lowrank")
+        print("\n".join(lines))
+    if "distill" in only:
+        lines = distill_section(opts.shared)
+        write_section(lines, "distill")
         print("\n".join(lines))
     if "quant" in only:
         lines = quant_section()

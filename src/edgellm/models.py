@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from edgellm.controls import CONTROLS
 from edgellm.errors import EdgeLLMError
 from edgellm.paths import cache_dir
 from edgellm.records import write_folder
@@ -196,7 +197,8 @@ def registry_entry(name: str) -> RegistryEntry:
         return REGISTRY[name]
     except KeyError:
         raise ModelUnavailable(
-            f"unknown model name {name!r}; registered names: {', '.join(sorted(REGISTRY))} "
+            f"unknown model name {name!r}; registered names: "
+            f"{', '.join(sorted([*REGISTRY, *CONTROLS, *DERIVED]))} "
             "(or pass a local Hugging Face folder, a .gguf file, or a hub id such as "
             f"{REGISTRY[DEFAULT_MODEL].hub_id})"
         ) from None
@@ -237,8 +239,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
                quiet: bool = False):
     """Return ``(model, tokenizer)`` in eval mode on the CPU.
 
-    ``name_or_path`` is a registry name (``smollm2-135m``, the offline default), a local Hugging
-    Face folder, a ``.gguf`` file, or a hub id (needs the hub or an ``HF_ENDPOINT`` mirror).
+    ``name_or_path`` is a registry name (``smollm2-135m``, the offline default), a control built
+    from it (``smollm2-135m-degrid``, :mod:`edgellm.controls`), a derived model (:data:`DERIVED`),
+    a local Hugging Face folder, a ``.gguf`` file, or a hub id (needs the hub or an ``HF_ENDPOINT`` mirror).
     """
     quiet_library_logs()  # transformers imports torchao when installed: drop its CPU-only notices
     name_or_path = str(name_or_path)
@@ -246,6 +249,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     if name_or_path in REGISTRY:
         folder = ensure_cached(name_or_path, quiet=quiet)
         model, tok = _load_folder(folder, dtype)
+    elif name_or_path in CONTROLS:
+        model, tok = _load_folder(ensure_control(name_or_path, quiet=quiet), dtype)
     elif name_or_path in DERIVED:
         model, tok = _load_folder(derived_folder(name_or_path), dtype)
     elif path.is_dir():
@@ -285,6 +290,36 @@ def ensure_cached(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     if not quiet:
         print(f"edgellm: cached {name} as safetensors in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)
+    return folder
+
+
+def ensure_control(name: str, *, quiet: bool = False) -> Path:
+    """Build (once, deterministically, in seconds) and verify the cache of a control model
+    (:data:`edgellm.controls.CONTROLS`); return its folder."""
+    from edgellm.controls import degrid_linears
+
+    spec = CONTROLS[name]
+    folder = cache_dir() / "models" / name
+    if folder.is_dir():
+        problem = verify_manifest(folder)
+        if problem is None:
+            return folder
+        if not quiet:
+            print(f"edgellm: cached {name} is damaged ({problem}); rebuilding", file=sys.stderr)
+        shutil.rmtree(folder)
+    base = ensure_cached(spec.base, quiet=quiet)
+    model, tok = _load_folder(base, torch.float32)
+    stats = degrid_linears(linear_layers(model), seed=spec.seed, block=spec.block)
+    with write_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        base_manifest = json.loads((base / MANIFEST).read_text())
+        write_manifest(tmp, control=name, base=spec.base, base_gguf_sha256=base_manifest.get(
+            "gguf_sha256"), dither="uniform, ±1/2 Q4_1 step per block", block=spec.block,
+            generator="torch.Generator().manual_seed(seed), linears in sorted name order",
+            seed=spec.seed, torch=torch.__version__, about=spec.about, **stats)
+    if not quiet:
+        print(f"edgellm: built the control {name} (off the Q4_1 grid) in the cache", file=sys.stderr)
     return folder
 
 

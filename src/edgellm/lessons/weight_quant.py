@@ -23,7 +23,7 @@ METHOD_ORDER = ("rtn", "gptq", "awq", "imatrix", "rtn-mixed", "gptq-mixed", "ggu
 
 
 # lesson 03 sweeps that are experiments of their own, not rows of the methods table
-SIDE_SWEEPS = ("03_awq_salient", "03_gptq_diag")
+SIDE_SWEEPS = ("03_awq_salient", "03_gptq_diag", "03_control")
 
 
 def sweeps() -> list[str]:
