@@ -1,6 +1,7 @@
 """Pruning on the real default model (a few layers, small calibration), recovery, and the CLI."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -152,3 +153,26 @@ def test_cli_recovery_keeps_the_default_sparsity(capsys, monkeypatch):
     rec = json.loads(capsys.readouterr().out)
     assert rec["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert rec["sparsity_after_recovery"] == pytest.approx(rec["sparsity"], abs=1e-6)
+
+
+@pytest.mark.integration
+def test_cli_baseline_calib_pairs_two_masks_on_the_same_tokens(capsys, monkeypatch):
+    """--baseline-calib: the same calibration gives the same mask (difference exactly 0); another
+    corpus gives another mask, and the paired difference is what the two ΔNLLs vs dense imply."""
+    from edgellm import measure
+    from edgellm.cli import main
+
+    monkeypatch.setattr(measure, "paired_prefill", lambda *a, **k: {})  # not what this checks
+    common = ["prune", "--method", "wanda", "--sparsity", "0.5", "--n-samples", "2",
+              "--seq-len", "64", "--eval", "--ctx", "64", "--max-tokens", "256", "--json"]
+    assert main(common + ["--baseline-calib", "pydoc"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["delta_nll_vs_baseline"] == 0 and same["ppl_baseline"] == pytest.approx(same["ppl"])
+    assert main(common + ["--calib", "stdlib", "--baseline-calib", "pydoc"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["baseline_calib"] == "pydoc" and other["delta_nll_vs_baseline"] != 0
+    # NLL(stdlib mask) − NLL(pydoc mask) = ΔNLL(stdlib mask vs dense) − ΔNLL(pydoc mask vs dense)
+    assert other["delta_nll_vs_baseline"] == pytest.approx(
+        other["delta_nll"] - same["delta_nll"], abs=1e-9)
+    assert 0 < other["delta_nll_vs_baseline_stderr"] < math.hypot(
+        other["delta_nll_stderr"], same["delta_nll_stderr"])

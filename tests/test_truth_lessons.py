@@ -153,12 +153,21 @@ def test_mask_comparison_rows():
     assert contextual_table([prune, kl]) == {"dense": {"pydoc": 9.0}, "pydoc": {"pydoc": 20.0}}
     (row,) = mask_comparison([prune, kl])
     assert row["z"] == pytest.approx(4.0) and row["ci95"] == pytest.approx((0.0102, 0.0298))
+    # the same comparison made in one prune run (--baseline-calib): mask stdlib minus mask pydoc
+    both = {"command": "edgellm prune --calib stdlib --baseline-calib pydoc", "calib": "stdlib",
+            "baseline_calib": "pydoc", "data": "stdlib", "ppl": 30.0, "ppl_base": 12.0,
+            "delta_nll_vs_baseline": -0.03, "delta_nll_vs_baseline_stderr": 0.01,
+            "kl_mean_vs_baseline": 0.2, "n_tokens": 8176}
+    (row,) = mask_comparison([prune, both])
+    assert (row["model"], row["reference"], row["data"]) == ("stdlib", "pydoc", "stdlib")
+    assert row["z"] == pytest.approx(-3.0) and row["kl_mean"] == 0.2
+    assert contextual_table([prune, both])["stdlib"] == {"stdlib": 30.0}
 
 
 @pytest.mark.fast
 def test_contextual_sweep_is_paired_on_8k_tokens_per_domain():
     """Lesson 06 states only what the paired interval supports: the sweep evaluates >= 8k tokens
-    per domain and compares the two masks directly on each domain (``edgellm kl``)."""
+    per domain and compares the two masks directly on each domain (``--baseline-calib``)."""
     from edgellm.lessons.pruning import contextual_table, mask_comparison
     from edgellm.results import load_records
 

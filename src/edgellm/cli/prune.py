@@ -14,7 +14,9 @@ layers (scored from calibration activations; ``--method magnitude`` scores heads
 weights only); given together with ``--sparsity``/``--nm`` the structured step runs first.
 With ``--eval`` an unpruned copy is the reference: ``ppl``, ``ppl_base``, ``kl_mean``.
 ``--recover-steps K`` fine-tunes K steps on the train split (plain with the zeros kept, or
-``--lora``); ``--control`` fine-tunes the unpruned model the same way (``ppl_control``); the
+``--lora``); ``--control`` fine-tunes the unpruned model the same way (``ppl_control``);
+``--baseline-calib C`` prunes a second copy calibrated on corpus C and reports the paired
+``delta_nll_vs_baseline`` between the two masks (contextual pruning); the
 record keeps ``ppl_before_recovery`` / ``kl_mean_before_recovery`` and ``ppl`` is after recovery.
 ``--calib stdlib --data pydoc`` (any two corpora) is contextual pruning: scores from one domain,
 perplexity on another.
@@ -69,6 +71,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--lora", action="store_true", help="recover with LoRA adapters (peft), merged")
     p.add_argument("--control", action="store_true",
                    help="also fine-tune the unpruned model the same way (ppl_control)")
+    p.add_argument("--baseline-calib", metavar="CORPUS",
+                   help="also prune a copy calibrated on CORPUS; with --eval, the paired "
+                        "delta_nll_vs_baseline (this mask minus that one)")
     p.add_argument("--out", help="save the pruned model (safetensors) to this folder")
     p.add_argument("--eval", action="store_true", help="perplexity and KL vs the unpruned model")
     add_eval_args(p)
@@ -86,6 +91,7 @@ def run(args) -> dict:
         evaluate=args.eval, eval_settings=eval_settings(args), recover_steps=args.recover_steps,
         recover_lr=args.recover_lr, recover_batch=args.recover_batch,
         recover_seq_len=args.recover_seq_len, lora=args.lora, control=args.control,
+        baseline_calib=args.baseline_calib,
         out=args.out, progress=not args.json)
 
 
@@ -106,5 +112,10 @@ def _check_args(args) -> None:
     check_model_name(args.model)
     check_eval_args(args)  # unknown corpus / changed stdlib files: fail before loading
     load_text(args.calib, "train")
+    if args.baseline_calib is not None:
+        if args.method == "magnitude" and args.structured is None:
+            raise PruneError("--baseline-calib compares two calibrations, but magnitude pruning "
+                             "uses none: use --method wanda or sparsegpt")
+        load_text(args.baseline_calib, "train")
     if args.out:
         check_out_dir(args.out, "--out")

@@ -144,19 +144,25 @@ def contextual_table(records: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def mask_comparison(records: list[dict]) -> list[dict]:
-    """The paired comparisons of two masks (``edgellm kl --model MASK_B --reference MASK_A``
-    records of a contextual sweep), one row per evaluation corpus: ``data``, ``delta_nll`` (mean
-    per-token NLL of mask B minus mask A on the same tokens, nats), its standard error,
-    ``z`` = delta / se, the 95 % interval (±1.96 se), ``kl_mean`` between the two masks'
-    predictions and ``n_tokens``."""
+    """The paired comparisons of two masks in a contextual sweep, one row per evaluation corpus:
+    ``edgellm prune --calib B --baseline-calib A`` records (mask B minus mask A in one process)
+    or ``edgellm kl --model MASK_B --reference MASK_A`` records.  Each row: ``data``,
+    ``delta_nll`` (mean per-token NLL of mask B minus mask A on the same tokens, nats), its
+    standard error, ``z`` = delta / se, the 95 % interval (±1.96 se), ``kl_mean`` between the
+    two masks' predictions and ``n_tokens``."""
     rows = []
     for r in records:
-        if not r.get("command", "").startswith("edgellm kl"):
+        if r.get("delta_nll_vs_baseline") is not None:
+            d, se = r["delta_nll_vs_baseline"], r["delta_nll_vs_baseline_stderr"]
+            model, ref, kl = r["calib"], r["baseline_calib"], r.get("kl_mean_vs_baseline")
+        elif r.get("command", "").startswith("edgellm kl"):
+            d, se = r["delta_nll"], r["delta_nll_stderr"]
+            model, ref, kl = r["model"], r["reference"], r["kl_mean"]
+        else:
             continue
-        d, se = r["delta_nll"], r["delta_nll_stderr"]
-        rows.append({"data": r["data"], "model": r["model"], "reference": r["reference"],
+        rows.append({"data": r["data"], "model": model, "reference": ref,
                      "delta_nll": d, "delta_nll_stderr": se, "z": d / se,
-                     "ci95": (d - 1.96 * se, d + 1.96 * se), "kl_mean": r["kl_mean"],
+                     "ci95": (d - 1.96 * se, d + 1.96 * se), "kl_mean": kl,
                      "n_tokens": r["n_tokens"]})
     return rows
 

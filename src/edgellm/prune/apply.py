@@ -105,13 +105,16 @@ def prune_record(model_name: str = DEFAULT_MODEL, *, sparsity: float | None = No
                  recover_lr: float | None = None, recover_batch: int = 2,
                  recover_seq_len: int = 256, lora: bool = False, control: bool = False,
                  out: str | None = None, seed: int = 0, progress: bool = False,
-                 **settings) -> dict:
+                 baseline_calib: str | None = None, **settings) -> dict:
     """Load ``model_name``, prune it (``sparsity``, ``nm``, ``structured``, ``calib`` and
     ``settings``: :func:`prune_model`'s keywords), measure
     sizes and the paired prefill speed against the unpruned model, optionally recover with
     ``recover_steps`` of fine-tuning (``control``: the unpruned model fine-tuned the same way)
     and save to ``out``: the record ``edgellm prune`` prints.  With ``evaluate``, quality against
-    the unpruned model before and after recovery."""
+    the unpruned model before and after recovery.  ``baseline_calib`` prunes a second copy the
+    same way but calibrated on that corpus and, with ``evaluate``, reports the paired per-token
+    ``delta_nll_vs_baseline`` (this mask minus the baseline mask, with its standard error) on
+    the evaluation tokens (before any recovery)."""
     import copy
     import os
 
@@ -146,6 +149,17 @@ def prune_record(model_name: str = DEFAULT_MODEL, *, sparsity: float | None = No
 
     if evaluate:
         merge(rec, paired(model))
+    if baseline_calib is not None:
+        twin = copy.deepcopy(reference)
+        prune_model(twin, tok, sparsity=sparsity, nm=nm, structured=structured,
+                    calib=baseline_calib, seed=seed, **settings)
+        rec["baseline_calib"] = baseline_calib
+        if evaluate:  # NLL(this mask) − NLL(the baseline mask), per token on the same tokens
+            c = evaluate_paired(model, twin, tok, progress=progress, **ev.kwargs())
+            rec.update(ppl_baseline=c["ppl_base"], delta_nll_vs_baseline=c["delta_nll"],
+                       delta_nll_vs_baseline_stderr=c["delta_nll_stderr"],
+                       kl_mean_vs_baseline=c["kl_mean"])
+        del twin
     if recover_steps:
         from edgellm.prune.recover import finetune, zero_masks
 
