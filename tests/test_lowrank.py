@@ -368,3 +368,47 @@ def test_lorc_bad_input(tiny):
         check_lorc_rank(192, {"q_proj": (576, 576), "k_proj": (192, 576)})
     with pytest.raises(LowRankError, match="model.layers.0.self_attn.k_proj"):
         quantize_model(tiny, method="rtn", bits=4, group_size=16, lorc_rank=32)
+
+
+# --------------------------------------------------------------------------------------------
+# sensitivity allocation
+
+
+def test_spread_ratios_keep_the_budget_and_order_by_sensitivity():
+    from edgellm.lowrank.sensitivity import spread_ratios
+
+    sens = {0: 0.5, 1: 0.01, 2: 0.2, 3: 0.05}
+    r = spread_ratios(sens, 0.2, 0.1)
+    assert r[1] == pytest.approx(0.3) and r[0] == pytest.approx(0.1)   # least / most sensitive
+    assert r[3] == pytest.approx(0.2 + 0.1 / 3) and r[2] == pytest.approx(0.2 - 0.1 / 3)
+    assert sum(r.values()) / len(r) == pytest.approx(0.2)
+    assert spread_ratios(sens, 0.2, 0.0) == dict.fromkeys(sens, 0.2)
+    with pytest.raises(LowRankError, match="spread"):
+        spread_ratios(sens, 0.2, 0.2)
+
+
+def test_sensitivity_scan_factorizes_one_layer_at_a_time(tiny):
+    """On the tiny model: the scan leaves the model unchanged, gives one ΔNLL per layer, and
+    each equals the ΔNLL of a copy with only that layer factorized by factorize_model."""
+    import copy
+
+    from edgellm.lowrank.apply import factorize_model, linear_shapes
+    from edgellm.lowrank.sensitivity import budget, layer_sensitivity, ranks_for_layer_ratios
+    from edgellm.metrics import token_logprobs
+
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (4, 32))
+    tokens = torch.randint(0, 256, (256,))
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    sens = layer_sensitivity(tiny, calib, tokens, method="svdllm", ratio=0.5, ctx=64)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert sorted(sens) == [0, 1]
+    base = token_logprobs(tiny, tokens, "gptq", 64, progress=False)["nll"]
+    for i in (0, 1):
+        one = copy.deepcopy(tiny)
+        factorize_model(one, calib, method="svdllm", ratio=0.5, layers=[i])
+        nll = token_logprobs(one, tokens, "gptq", 64, progress=False)["nll"]
+        assert sens[i] == pytest.approx(float((nll - base).mean()), abs=1e-6)
+    shapes = linear_shapes(tiny)
+    ranks = ranks_for_layer_ratios(shapes, {0: 0.4, 1: 0.6})
+    assert budget(shapes, ranks) == pytest.approx(0.5, abs=0.05)

@@ -6,6 +6,7 @@ parameters, size, speed, perplexity and KL.
     edgellm lowrank --method svd --ratio 0.2 --eval --max-tokens 4096 --json
     edgellm lowrank --method svdllm --ratio 0.2 --calib pydoc --n-samples 32 --seq-len 512 --eval
     edgellm lowrank --method asvd --rank 96 --out DIR
+    edgellm lowrank --method svdllm --ratio 0.2 --allocate sensitivity --spread 0.1 --eval
 
 Every decoder linear ``W`` (out, in) becomes two linears ``B A`` (out×r, r×in); the tied
 embedding / lm_head is left alone.  ``--ratio R`` removes the fraction R of the factorized
@@ -13,7 +14,11 @@ linears' parameters in every layer (0.2 keeps 80 %); ``--rank K`` uses one rank 
 (it must be below every linear's min(out, in); at or above a linear's break-even rank
 out·in/(out+in) it saves nothing, and a warning says so).  ``svd`` is plain truncated SVD;
 ``asvd`` scales input channels by mean |x|^alpha first (ASVD); ``svdllm`` whitens by the
-Cholesky factor of the calibration Hessian (SVD-LLM).
+Cholesky factor of the calibration Hessian (SVD-LLM).  ``--allocate sensitivity`` (with
+``--ratio``) first measures each layer's ΔNLL when only it is factorized (``sensitivity``, on
+``--sensitivity-tokens`` of the calibration corpus's validation split), then removes
+``ratio ± spread`` from the least / most sensitive layers, linearly in between (``layer_ratios``),
+at the same total budget (``ratio_achieved``).
 
 ``n_params`` / ``n_params_base``: parameters of the factorized and the original model;
 ``bpw``: bits per original weight of the factorized linears with the factors at fp16
@@ -52,6 +57,14 @@ def add_parsers(sub) -> None:
                         help="fraction of the factorized linears' parameters removed, in (0, 1)")
     target.add_argument("--rank", type=int, help="one rank for every decoder linear")
     p.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent of mean |x|")
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"],
+                   help="the same ratio in every layer, or spread by each layer's sensitivity "
+                        "(with --ratio; the same total budget)")
+    p.add_argument("--spread", type=float, default=0.1,
+                   help="sensitivity allocation: layer ratios from ratio+spread (least "
+                        "sensitive) to ratio-spread (most)")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048,
+                   help="held-out tokens (the calibration corpus's validation split) of the scan")
     add_calib_args(p, n_samples=32)
     add_seed_arg(p)
     p.add_argument("--out", help="save the factorized model to this new (or empty) folder")
@@ -90,12 +103,23 @@ def check_args(args) -> None:
     from edgellm.lowrank.svd import LowRankError
 
     check_options(args.method, ratio=args.ratio, rank=args.rank, alpha=args.alpha)
+    if args.allocate == "sensitivity":
+        from edgellm.lowrank.sensitivity import spread_ratios
+
+        if args.ratio is None:
+            raise LowRankError("--allocate sensitivity spreads a --ratio over the layers; give "
+                               "--ratio instead of --rank")
+        spread_ratios({0: 0.0, 1: 1.0}, args.ratio, args.spread)  # raises on a bad spread
+        if args.sensitivity_tokens < 64:
+            raise LowRankError(f"--sensitivity-tokens {args.sensitivity_tokens}: give at least 64")
     if args.n_samples < 1 or args.seq_len < 2:
         raise LowRankError("--n-samples must be >= 1 and --seq-len >= 2")
     check_model_name(args.model)
     check_eval_args(args)
     if args.method != "svd":
         load_text(args.calib, "train")
+    if args.allocate == "sensitivity":
+        load_text(args.calib, "validation")
     if args.out:
         check_out_dir(args.out, "--out")
         out = Path(args.out).expanduser()
@@ -114,4 +138,5 @@ def run(args) -> dict:
         args.model, method=args.method, ratio=args.ratio, rank=args.rank, alpha=args.alpha,
         calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
         evaluate=args.eval, eval_settings=eval_settings(args), out=args.out,
+        allocate=args.allocate, spread=args.spread, sensitivity_tokens=args.sensitivity_tokens,
         progress=not args.json)

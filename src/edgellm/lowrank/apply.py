@@ -291,11 +291,15 @@ def factorize_record(model_name: str = DEFAULT_MODEL, *, method: str = "svd",
                      calib: str = "pydoc", n_samples: int = 32, seq_len: int = 512,
                      seed: int = 0, evaluate: bool = False,
                      eval_settings: EvalSettings | None = None, out: str | None = None,
-                     progress: bool = False) -> dict:
+                     allocate: str = "uniform", spread: float = 0.1,
+                     sensitivity_tokens: int = 2048, progress: bool = False) -> dict:
     """Load ``model_name``, factorize its decoder linears (:func:`factorize_model`), measure
     parameters, size and the paired prefill speed against the unfactorized model, with
     ``evaluate`` its quality against it, and save to ``out``: the record ``edgellm lowrank``
-    prints.  Break-even warnings are printed once on stderr and kept in ``rank_warnings``."""
+    prints.  Break-even warnings are printed once on stderr and kept in ``rank_warnings``.
+    ``allocate="sensitivity"`` (with ``ratio``) scans each layer's ΔNLL on
+    ``sensitivity_tokens`` of the calibration corpus's validation split and spreads the ratio
+    by ±``spread`` (:mod:`edgellm.lowrank.sensitivity`) at the same total budget."""
     import copy
     import os
     import sys
@@ -313,13 +317,33 @@ def factorize_record(model_name: str = DEFAULT_MODEL, *, method: str = "svd",
     ids = None
     if method != "svd":
         ids = get_calibration(calib, n_samples, seq_len, seed, tokenizer=tok)
+    extra, ranks = {}, None
+    if allocate == "sensitivity":
+        from edgellm.lowrank.sensitivity import (
+            budget,
+            layer_sensitivity,
+            ranks_for_layer_ratios,
+            spread_ratios,
+        )
+
+        held = get_tokens(calib, tok, "validation", sensitivity_tokens)
+        t0 = time.perf_counter()
+        sens = layer_sensitivity(model, ids, held, method=method, ratio=ratio, alpha=alpha,
+                                 ctx=min(ev.ctx, len(held)), progress=progress)
+        layer_ratios = spread_ratios(sens, ratio, spread)
+        ranks = ranks_for_layer_ratios(linear_shapes(model), layer_ratios)
+        extra = {"sensitivity": {str(i): v for i, v in sens.items()},
+                 "layer_ratios": {str(i): v for i, v in layer_ratios.items()},
+                 "spread": spread, "sensitivity_data": f"{calib} validation",
+                 "sensitivity_tokens": len(held), "seconds_sensitivity": time.perf_counter() - t0,
+                 "ratio_planned": budget(linear_shapes(model), ranks)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LowRankWarning)
-        res = factorize_model(model, ids, method=method, ratio=ratio, rank=rank, alpha=alpha,
-                              progress=progress)
+        res = factorize_model(model, ids, method=method, ratio=None if ranks else ratio,
+                              rank=rank, ranks=ranks, alpha=alpha, progress=progress)
     for w in caught:  # the break-even warnings, once each, on stderr (the record keeps them)
         print(f"edgellm lowrank: warning: {w.message}", file=sys.stderr)
-    rec = {**res.info(), "ratio": ratio, "rank": rank,
+    rec = {**res.info(), **extra, "ratio": ratio, "rank": rank, "allocate": allocate,
            "alpha": alpha if method == "asvd" else None,
            "n_params": n_params(model), "n_params_base": n_params(reference),
            "bpw": bpw_of(res), "bpw_base": 16.0,
