@@ -111,7 +111,9 @@ def structured_rows(records: list[dict]) -> list[dict]:
             continue
         recovered = bool(r.get("recover_steps"))
         rows.append({
-            "removed": f"{r['structured']} {r['ratio']:.0%}",
+            "removed": f"{r['structured']} {r['ratio']:.0%}" + (
+                f" ({r['granularity']})" if r["structured"] == "heads" and r.get("granularity")
+                else ""),
             "n_params": r["n_params"], "params_%": 100 * r["n_params"] / r["n_params_base"],
             "size_bytes": r["size_bytes"],
             "prefill_tokens_per_s": r["prefill_tokens_per_s"],
