@@ -275,3 +275,49 @@ def test_window_task_on_the_real_model(default_model):
     assert over_budget.target_met and "per text token > budget" in over_budget.violations[0]
     _assert_grades(good, baseline, over_budget)
     assert not lc.window_task(model, tokens, 256, 128, max_ctx=128, ref_ppl=ref).constraints_ok
+
+
+# --------------------------------------------------------------------------------------------
+# lab 09: five steps, 300k trainable parameters
+
+
+@pytest.mark.integration
+def test_lora_budget_task_on_the_real_model():
+    """Two different valid answers pass (LoRA on the attention linears; the norm weights alone);
+    the lesson's learning rate on a fitting adapter moves too little; an adapter one rank over the
+    budget and a setup that edits a frozen weight break the constraints."""
+    import edgellm
+    from edgellm.lora.apply import apply_lora
+    from edgellm.lora.task import load_task
+
+    task = load_task("funcname")
+
+    def grade(setup):
+        model, tok = edgellm.load_model(quiet=True)      # each answer starts from the base model
+        return lc.lora_budget_task(model, tok, task, setup)
+
+    def lora(rank, targets, lr):
+        def setup(m):
+            apply_lora(m, rank=rank, targets=targets)
+            return m, lr
+        return setup
+
+    def norms_only(m):
+        for name, p in m.named_parameters():
+            p.requires_grad_("norm" in name)
+        return m, 1e-2
+
+    def edits_a_frozen_weight(m):
+        with torch.no_grad():
+            m.model.norm.weight.mul_(1.01)
+        apply_lora(m, rank=4, targets="qv")
+        return m, 1e-2
+
+    good = [grade(lora(2, "attn", 2e-2)), grade(norms_only)]
+    baseline = grade(lora(4, "qv", 1e-3))
+    over_budget = grade(lora(1, "all", 2e-2))          # 305,280 parameters
+    assert "305,280 trainable parameters > budget" in over_budget.violations[0]
+    _assert_grades(good, baseline, over_budget)
+    assert all(v.baseline > v.target for v in [*good, baseline])   # untrained: above the target
+    edited = grade(edits_a_frozen_weight)
+    assert not edited.constraints_ok and "not the base model's" in edited.violations[0]

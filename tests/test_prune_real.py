@@ -1,8 +1,8 @@
 """Pruning on the real default model (a few layers, small calibration), recovery, and the CLI."""
 
 import copy
-import math
 import json
+import math
 
 import pytest
 import torch

@@ -26,10 +26,16 @@ lab    task                                                   grader
 08     ``mlp.gate_proj`` as two factors with ≤ 60 % of its     :func:`lowrank_task`
        parameters, held-out output error ≥ 20 % below plain
        SVD's at the same budget
+09     an adapter (or any trainable subset) of ≤ 300k          :func:`lora_budget_task`
+       parameters whose held-out answer loss after 5 AdamW
+       steps the grader runs is ≤ 3.5 nats
 =====  =====================================================  =========================================
 
 The tests in ``tests/test_labs_research.py`` run every grader on two different valid answers (both
 pass), on the task's baseline (fails the target) and on an answer that breaks a constraint.
+
+The module is over 400 lines because every lab's grader lives here, one short section per lab, so
+that an instructor finds each open task's target and constraints in one file.
 """
 
 from __future__ import annotations
@@ -390,3 +396,85 @@ def lowrank_task(W: torch.Tensor, X_heldout: torch.Tensor, B: torch.Tensor, A: t
     return Verdict("held-out error / plain SVD's", _out_error(X, W, W_hat) / base, 1 - gain, 1.0,
                    violations, {"params_fraction": n_par / W.numel(), "rank": A.shape[0],
                                 "rank_plain_svd": r_svd})
+
+
+# --------------------------------------------------------------------------------------------
+# lab 09: an adapter under a parameter budget
+
+
+def _param_signature(p: torch.Tensor) -> tuple:
+    """A parameter's shape and two float64 sums: equal for an untouched tensor, whatever its
+    module is called now (adapters wrap the linears they adapt and rename them)."""
+    t = p.detach().double()
+    return tuple(p.shape), round(t.sum().item(), 6), round(t.square().sum().item(), 6)
+
+
+def heldout_answer_loss(model, tokenizer, items, *, batch_size: int = 16) -> float:
+    """Mean cross-entropy (nats) over the answer tokens of ``items`` given the training prompt
+    (the chat template's default, no instructions), teacher-forced."""
+    from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_nll
+
+    model.eval()
+    return answer_nll(model, tokenizer, Prompting.from_style(TRAIN_STYLE), items,
+                      batch_size=batch_size)["nll"]
+
+
+def lora_budget_task(model, tokenizer, task, setup: Callable, *, steps: int = 5,
+                     batch_size: int = 4, seq_len: int = 96, n_heldout: int = 16,
+                     max_trainable: int = 300_000, target: float = 3.5, seed: int = 0) -> Verdict:
+    """Lab 09: ``setup(model) -> (model, lr)`` makes the model trainable your way (adapters of any
+    kind, some existing weights unfrozen, ...) with at most ``max_trainable`` parameters that
+    require a gradient, and picks the learning rate; the grader then trains them for ``steps``
+    AdamW steps (one step of linear warm-up, then linear decay; gradient norm clipped to 1) on
+    seeded batches of ``batch_size`` examples of the task's train split, with the loss on the
+    answer tokens.  ``value`` is the mean answer loss (nats per token) on the first
+    ``n_heldout`` test items afterwards; the baseline is the untrained model's.  Frozen weights
+    must stay as they were (an adapter adds, it does not edit the base); ``setup`` must not
+    train."""
+    from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_batches, answer_loss
+    from edgellm.train import train
+
+    items = task.subset("test", n_heldout)
+    if len(items) < n_heldout or not task.split("train"):
+        raise LabTaskError(f"task {task.name!r} needs train items and {n_heldout} test items")
+    base = heldout_answer_loss(model, tokenizer, items)
+    before = sorted(_param_signature(p) for p in model.parameters())
+    name = "held-out answer loss (nats)"
+    try:
+        model, lr = setup(model)
+    except Exception as e:                    # a student's setup: report it, do not crash the check
+        return Verdict(name, math.inf, target, base,
+                       [f"setup(model) raised {type(e).__name__}: {e}; it must return (model, lr)"])
+    if not hasattr(model, "parameters") or not isinstance(lr, int | float) or not lr > 0:
+        return Verdict(name, math.inf, target, base,
+                       [f"setup(model) must return (model, lr > 0), got ({type(model).__name__}, "
+                        f"{lr!r})"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    violations = []
+    if not params:
+        return Verdict(name, base, target, base, ["no parameter requires a gradient: nothing trains"])
+    if n_trainable > max_trainable:
+        violations.append(f"{n_trainable:,} trainable parameters > budget {max_trainable:,}")
+        if n_trainable > 10 * max_trainable:      # not worth the training time: no grade
+            return Verdict(name, math.inf, target, base, violations,
+                           {"trainable_params": n_trainable})
+    batches = answer_batches(tokenizer, Prompting.from_style(TRAIN_STYLE), task.split("train"),
+                             steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    res = train(model, None, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=float(lr),
+                loss_fn=answer_loss, batches=batches, schedule="linear", warmup_steps=1,
+                max_grad_norm=1.0, seed=seed)
+    pool = before.copy()
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        sig = _param_signature(p)
+        if sig not in pool:
+            violations.append(f"a frozen {tuple(p.shape)} weight is not the base model's: "
+                              "leave frozen weights as they are (an adapter adds to them)")
+            break
+        pool.remove(sig)
+    loss = heldout_answer_loss(model, tokenizer, items)
+    return Verdict(name, loss if math.isfinite(loss) else math.inf, target, base, violations,
+                   {"trainable_params": n_trainable, "lr": float(lr),
+                    "train_loss_last": res.losses[-1], "steps": steps})

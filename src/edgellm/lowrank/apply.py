@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgellm.lowrank.factor import factor_pair as _factorize
+from edgellm.lowrank.factor import linear_shapes  # noqa: F401 (re-exported)
 from edgellm.lowrank.layers import LowRankLinear, replace_module
 from edgellm.lowrank.lorc import LoRCResult, apply_lorc, check_lorc_rank  # noqa: F401
 from edgellm.lowrank.svd import (
@@ -32,11 +34,8 @@ from edgellm.lowrank.svd import (
     break_even_rank,
     check_rank,
     check_ratio,
-    energy_kept,
     factor_params,
     rank_for_ratio,
-    split_factors,
-    svd,
 )
 from edgellm.metrics import EvalSettings
 from edgellm.models import DEFAULT_MODEL
@@ -105,22 +104,6 @@ def check_options(method: str = "svd", *, ratio: float | None = None, rank: int 
         raise LowRankError(f"rank={rank!r} must be a positive integer (e.g. 64)")
     if not 0 <= alpha <= 1:
         raise LowRankError(f"alpha={alpha} must lie in [0, 1] (ASVD's default is 0.5)")
-
-
-def linear_shapes(model, layers=None) -> dict[str, tuple[int, int]]:
-    """``{name: (out, in)}`` of the decoder linears not yet factorized, in model order
-    (``layers``: only those decoder layer indices)."""
-    from edgellm.models import decoder_layers, layer_linears
-
-    idx = range(len(decoder_layers(model))) if layers is None else sorted(layers)
-    done = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    out = {}
-    for i in idx:
-        for name, lin in layer_linears(model, i).items():
-            if name.rpartition(".")[0] in done:
-                continue  # first / second of an already factorized layer
-            out[name] = (lin.out_features, lin.in_features)
-    return out
 
 
 def shapes_from_config(config) -> dict[str, tuple[int, int]]:
@@ -200,22 +183,6 @@ def ranks_from_sensitivity(shapes: dict[str, tuple[int, int]], sensitivity: dict
         if f < 1.0:
             out[n] = max(1, int(f * break_even_rank(*shapes[n])))
     return out
-
-
-def _factorize(method, W, rank, stats=None, *, alpha=0.5, L=None):
-    """``(B, A, energy kept)`` for one weight ``W`` (out, in) by method name."""
-    if method == "svd":
-        U, S, Vh = svd(W)
-        B, A = split_factors(U, S, Vh, rank)
-        return B, A, energy_kept(S, rank)
-    if method == "asvd":
-        from edgellm.lowrank.asvd import asvd_factors
-
-        return asvd_factors(W, stats.mean_abs, rank, alpha, return_energy=True)
-    from edgellm.lowrank.svdllm import svdllm_factors
-
-    B, A, info = svdllm_factors(W, rank=rank, L=L, return_info=True)
-    return B, A, info["energy_kept"]
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ def layer_sensitivity(model, calib, tokens, *, method: str = "svdllm", ratio: fl
     scored with the gptq protocol at ``ctx``.  ``model`` is left unchanged.
     """
     from edgellm.calib import collect_inputs, sequential
-    from edgellm.lowrank.apply import _factorize, linear_shapes
+    from edgellm.lowrank.factor import factor_pair, linear_shapes
     from edgellm.metrics import token_logprobs
     from edgellm.models import layer_linears
 
@@ -71,7 +71,7 @@ def layer_sensitivity(model, calib, tokens, *, method: str = "svdllm", ratio: fl
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if method == "svd":
         for name in plan:
-            B, A, _ = _factorize("svd", model.get_submodule(name).weight, plan[name])
+            B, A, _ = factor_pair("svd", model.get_submodule(name).weight, plan[name])
             factors[name] = (B, A)
     else:
         def collect(index, layer, stream):  # factors from the dense inputs; nothing swapped
@@ -86,7 +86,7 @@ def layer_sensitivity(model, calib, tokens, *, method: str = "svdllm", ratio: fl
                     if id(st) not in whitened:
                         whitened[id(st)] = whitening(st.H)
                     L = whitened[id(st)][0]
-                B, A, _ = _factorize(method, lin.weight, plan[name], st, alpha=alpha, L=L)
+                B, A, _ = factor_pair(method, lin.weight, plan[name], st, alpha=alpha, L=L)
                 factors[name] = (B, A)
 
         sequential(model, calib, collect, batch_size=batch_size, progress=progress,

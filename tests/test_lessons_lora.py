@@ -1,0 +1,61 @@
+"""Lesson 09's helpers: adapter sizes counted from shapes equal what apply_lora builds, the
+training-memory formula, the pilot's rows and the 2-standard-error reading."""
+
+import pytest
+
+from edgellm import tiny_llama
+from edgellm.lessons import lora as L
+from edgellm.lora.apply import adapter_param_bytes, apply_lora, trainable_params
+from edgellm.lora.layers import TARGETS
+
+pytestmark = pytest.mark.fast
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("rank", [1, 4])
+def test_sizes_from_shapes_equal_the_built_adapter(targets, rank):
+    model = tiny_llama()
+    row = next(r for r in L.size_rows(model, ranks=(rank,), targets=(targets,)))
+    n_base = L.base_params(model)
+    apply_lora(model, rank=rank, targets=targets)
+    assert row["params"] == trainable_params(model) == L.adapter_params(tiny_llama(), rank, targets)
+    assert row["bytes_fp32"] == adapter_param_bytes(model) == 2 * row["bytes_fp16"]
+    assert row["share"] == pytest.approx(row["params"] / n_base)
+
+
+def test_size_table_has_a_line_per_rank():
+    text = L.format_size_table(L.size_rows(tiny_llama(), ranks=(1, 2)))
+    assert len(text.splitlines()) == 3 and "qv: params" in text and "all: params" in text
+
+
+def test_training_memory_counts_gradients_and_two_adamw_moments():
+    lora = L.training_memory(1000, 10)
+    assert lora == {"weights": 4040, "gradients": 40, "adamw_states": 80, "total": 4160}
+    full = L.training_memory(0, 1000)
+    assert full["total"] == 16 * 1000                     # 4 + 4 + 2·4 bytes per parameter
+
+
+def test_reading_needs_two_standard_errors():
+    se = L.se_bound(0.03, 0.04)
+    assert se == pytest.approx(0.05)
+    assert L.reading(0.11, se) == "higher" and L.reading(-0.11, se) == "lower"
+    assert L.reading(0.09, se) == "not resolved"
+
+
+def test_pilot_rows_put_the_base_first_and_mark_the_control():
+    rec = {"method": "lora", "rank": 8, "targets": "all", "steps": 60, "accuracy": 0.3,
+           "accuracy_se": 0.04, "format_valid": 1.0, "ppl": 3.0, "trainable_params": 10,
+           "adapter_bytes": 40, "accuracy_base": 0.1, "accuracy_base_se": 0.03,
+           "format_valid_base": 0.8, "ppl_base": 30.0, "base_prompt_style": "fewshot"}
+    rows = L.pilot_rows([rec, {**rec, "shuffle_labels": True, "accuracy": 0.05}])
+    assert [r["run"] for r in rows] == ["base, fewshot prompt", "lora r=8 all, 60 steps",
+                                        "lora r=8 all, 60 steps (shuffled labels)"]
+    assert rows[0]["accuracy"] == 0.1 and rows[0]["record"] is None
+    assert "30.0%" in L.format_pilot(rows)
+    assert L.pilot_rows([]) == []
+
+
+def test_side_by_side_lists_every_model_under_each_prompt():
+    text = L.side_by_side({"base": ["x", "y"], "LoRA": ["os.path.join", "len"]},
+                          ["Join paths.", "Length."], ["os.path.join", "len"], width=6)
+    assert text.count("answer") == 2 and "LoRA   os.path.join" in text
