@@ -49,9 +49,7 @@ NOTEBOOK_RUN_KINDS = {
 # Lessons whose sections do not yet each run after a kernel restart (issue: every section of a
 # lesson must).  Every other lesson of notebooks/ runs with a ``%reset -f`` before each ``## ``
 # section in the "all" run, so a section that leans on an earlier one fails its test.
-SECTIONS_NOT_YET_STANDALONE = {"00_setup_and_tour", "01_perplexity", "02_number_formats",
-                               "03_weight_quantization", "04_activation_quantization",
-                               "05_quantization_in_practice", "06_pruning", "08_low_rank"}
+SECTIONS_NOT_YET_STANDALONE = {"03_weight_quantization", "06_pruning", "08_low_rank"}
 
 
 def resets_sections(path, kind: str) -> bool:

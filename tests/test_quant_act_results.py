@@ -109,3 +109,22 @@ def test_recorded_sweeps_are_well_formed():
             assert {"method", "bits", "ppl", "ppl_base", "delta_nll", "command"} <= set(r), name
             assert r["command"].startswith("edgellm quantize")
             assert isinstance(ar.label(r), str)
+
+
+def test_lin_name_and_layer_inputs(tiny):
+    from conftest import random_ids
+
+    ids = random_ids(2, 12)
+    block = tiny.model.layers[1]
+    assert tiny.get_submodule(ar.lin_name(1, "down_proj")) is block.mlp.down_proj
+    assert tiny.get_submodule(ar.lin_name(1, "v_proj")) is block.self_attn.v_proj
+    got = ar.layer_inputs(tiny, 1, ids)
+    assert got["down"].shape == (24, block.mlp.down_proj.in_features)
+    assert got["q"].shape == (24, block.self_attn.q_proj.in_features)
+    assert not block.mlp.down_proj._forward_hooks and not block.self_attn.q_proj._forward_hooks
+    with torch.no_grad():   # the captured input reproduces the layer's output
+        out = {}
+        h = block.mlp.down_proj.register_forward_hook(lambda m, a, o: out.setdefault("y", o))
+        tiny(input_ids=ids, use_cache=False)
+        h.remove()
+    torch.testing.assert_close(block.mlp.down_proj(got["down"]), out["y"].reshape(24, -1))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edgellm.lessons import formats as explore
+from edgellm.lessons.common import default_weight
 from edgellm.quant.formats import FORMATS
 from edgellm.quant.rtn import fake_quantize
 
@@ -61,3 +62,13 @@ def test_collect_inputs_and_tail_stats(tiny):
     spiky = torch.randn(100_000)
     spiky[::1000] = 50
     assert explore.tail_stats(spiky)["kurtosis"] > 100
+
+
+@pytest.mark.integration
+def test_default_weight_is_the_loaded_models_weight(default_model):
+    model, _ = default_model
+    name = "model.layers.10.mlp.down_proj"
+    W = default_weight(name)
+    assert W.dtype == torch.float32 and torch.equal(W, model.get_submodule(name).weight)
+    W.zero_()  # a new tensor each call: the next one is untouched
+    assert torch.equal(default_weight(name), model.get_submodule(name).weight)

@@ -317,3 +317,19 @@ def test_real_model_nf4_layers_equal_ours(default_model):
                                                      enumerate(lins.values())})
     for name, mod in mods.items():
         assert torch.equal(bnb_dequantize(mod), blockwise_dequantized(ref[name], "nf4"))
+
+
+def test_recorded_runs_skips_a_sweep_not_recorded_yet(monkeypatch, capsys):
+    import edgellm.results
+    from edgellm.lessons.production import recorded_runs
+
+    def load_records(name):
+        if name == "05_torchao":
+            raise FileNotFoundError("results/05_torchao.json: not recorded yet")
+        return [{"library": "bnb", "mode": "nf4"}]
+
+    monkeypatch.setattr(edgellm.results, "load_records", load_records)
+    assert recorded_runs() == [{"library": "bnb", "mode": "nf4"}]
+    assert "05_torchao" in capsys.readouterr().out
+    assert recorded_runs(verbose=False) == [{"library": "bnb", "mode": "nf4"}]
+    assert capsys.readouterr().out == ""

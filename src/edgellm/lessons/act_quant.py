@@ -9,9 +9,15 @@ for it and :func:`not_recorded` says how to produce it.
 
 :func:`smoothing_ranges` is the pure function behind the lesson's α widget: the per-channel
 activation and weight ranges of one linear layer before and after SmoothQuant's smoothing.
+
+:func:`outlier_probe` holds what several sections of the lesson share (the activation statistics
+of the default model, the layer with the largest down_proj input and that layer's inputs), computed
+once per process so that each section can ask for it after a kernel restart.
 """
 
 from __future__ import annotations
+
+import functools
 
 from edgellm.quant.qtensor import QuantError
 
@@ -42,6 +48,56 @@ def load_sweeps(names=SWEEPS, *, verbose: bool = True) -> dict[str, list[dict]]:
             print(not_recorded(n))
         out[n] = recs
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the activations every section looks at
+
+
+def lin_name(i: int, kind: str) -> str:
+    """Module name of decoder layer ``i``'s linear ``kind``: ``lin_name(3, "down_proj")`` is
+    ``"model.layers.3.mlp.down_proj"``, ``lin_name(3, "q_proj")`` ``"model.layers.3.self_attn.q_proj"``."""
+    block = "self_attn" if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{i}.{block}.{kind}"
+
+
+def layer_inputs(model, layer: int, ids) -> dict:
+    """Inputs of decoder layer ``layer``'s down_proj and q_proj for ``ids`` (n, T):
+    ``{"down": (n·T, intermediate_size), "q": (n·T, hidden_size)}``, captured by forward hooks."""
+    import torch
+
+    captured = {}
+    block = model.model.layers[layer]
+    hooks = [m.register_forward_hook(
+                 lambda mod, a, o, key=key: captured.__setitem__(key, a[0].detach().reshape(-1, a[0].shape[-1])))
+             for key, m in (("down", block.mlp.down_proj), ("q", block.self_attn.q_proj))]
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+@functools.cache
+def outlier_probe(n_samples: int, seq_len: int) -> dict:
+    """The default model's activations on ``get_calibration(n_samples=…, seq_len=…)``, computed once
+    per process (the sections of lesson 04 share it; treat it as read-only):
+
+    ``stats``     :func:`edgellm.quant.actstats.collect_activation_stats` (``quantiles=()``)
+    ``k_down``    the decoder layer whose down_proj input has the largest max|x|
+    ``captured``  :func:`layer_inputs` of layer ``k_down`` for the first calibration sample
+    """
+    import edgellm
+    from edgellm.quant.actstats import collect_activation_stats
+
+    model, tok = edgellm.load_model(quiet=True)
+    calib = edgellm.get_calibration(n_samples=n_samples, seq_len=seq_len, tokenizer=tok)
+    stats = collect_activation_stats(model, calib, quantiles=())
+    k_down = max(range(model.config.num_hidden_layers),
+                 key=lambda i: float(stats["inputs"][lin_name(i, "down_proj")]["absmax"].max()))
+    return {"stats": stats, "k_down": k_down, "captured": layer_inputs(model, k_down, calib[:1])}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""What every lesson module shares: the error type of bad settings, a figure helper, byte units."""
+"""What every lesson module shares: the error type of bad settings, a figure helper, byte units,
+one weight of the default model without loading the model."""
 
 from __future__ import annotations
+
+import functools
 
 from edgellm.errors import EdgeLLMError
 
@@ -24,3 +27,22 @@ def format_bytes(n: float) -> str:
             return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     return f"{n:.3g} TiB"
+
+
+@functools.cache
+def _default_model_file():
+    from edgellm.models import ensure_cached
+
+    return ensure_cached() / "model.safetensors"   # verified once per process
+
+
+def default_weight(name: str):
+    """The fp32 weight ``(out_features, in_features)`` of one linear of the default model, e.g.
+    ``default_weight("model.layers.10.mlp.down_proj")``: the very tensor ``edgellm.load_model()``
+    gives, read from the safetensors cache without building the model (milliseconds, where a
+    section that needs only one matrix would otherwise load the whole model).  A new tensor on
+    every call, so changing it changes nothing else."""
+    from safetensors import safe_open
+
+    with safe_open(str(_default_model_file()), framework="pt") as f:
+        return f.get_tensor(f"{name}.weight")

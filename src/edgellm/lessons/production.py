@@ -5,6 +5,23 @@ Pure functions over the recorded ``edgellm bnb`` / ``edgellm torchao`` records.
 
 from __future__ import annotations
 
+SWEEPS = ("05_bnb", "05_torchao")
+
+
+def recorded_runs(sweeps=SWEEPS, *, verbose: bool = True) -> list[dict]:
+    """The records of lesson 05's sweeps (``results/05_*.json``), in order; a sweep not recorded
+    yet adds nothing (and, with ``verbose``, prints why)."""
+    from edgellm.results import load_records
+
+    records = []
+    for sweep in sweeps:
+        try:
+            records += load_records(sweep)
+        except FileNotFoundError as e:
+            if verbose:
+                print(e)
+    return records
+
 
 def record_key(rec: dict) -> str:
     """Short label of a recorded run: ``"bnb nf4+dq"``, ``"bnb int8 t=6"``, ``"torchao
