@@ -91,3 +91,19 @@ def test_speed_key_rule_accepts_named_protocols():
                if k.startswith("legacy-"))
     with pytest.raises(MeasureError, match="unknown speed protocol"):
         protocol("best-guess")
+
+
+def test_peak_rss_can_be_reset_between_commands():
+    """run_command resets the peak before each recorded command; where the platform allows it,
+    a big allocation freed before the reset does not count in the next measurement."""
+    import sys
+
+    from edgellm.measure import peak_rss_bytes, reset_peak_rss
+
+    big = bytearray(300 * 2**20)  # 300 MiB, touched
+    big[::4096] = b"x" * len(big[::4096])
+    high = peak_rss_bytes()
+    del big
+    if not reset_peak_rss():
+        pytest.skip(f"no resettable peak RSS on {sys.platform}")
+    assert peak_rss_bytes() < high - 200 * 2**20

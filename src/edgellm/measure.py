@@ -124,12 +124,34 @@ def merge(rec: dict, *measured: dict) -> dict:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is in KiB)."""
+    """Peak resident set size of this process since it started or since the last
+    :func:`reset_peak_rss` (Linux: ``VmHWM`` of /proc/self/status; elsewhere ``ru_maxrss``,
+    which cannot be reset)."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement in this process (Linux: write 5 to
+    /proc/self/clear_refs); returns False where the platform cannot (then
+    :func:`peak_rss_bytes` keeps the whole process's peak).  ``edgellm results --run`` calls it
+    before each command, so each record's ``peak_rss_bytes`` is that command's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @torch.inference_mode()

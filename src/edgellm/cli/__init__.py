@@ -75,6 +75,9 @@ def run_command(command: str) -> dict:
     if not argv or argv[0] != "edgellm":
         raise ResultsError(f"a recorded command must start with 'edgellm': {command!r}")
     argv = argv[1:] + ([] if "--json" in argv else ["--json"])
+    from edgellm.measure import reset_peak_rss
+
+    reset_peak_rss()  # peak_rss_bytes is this command's, not the sweep process's so far
     with contextlib.redirect_stdout(io.StringIO()):  # progress text stays out of the record
         rec = run_record(argv)
     # exactly what `edgellm ... --json` prints and a reader would load
