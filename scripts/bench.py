@@ -312,8 +312,10 @@ def distill_section(shared: bool = False) -> list[str]:
     cached top-k logits reach (issue: lesson 07, Performance)."""
     r = distill_benchmark()
     ideal = r["seconds_student_step"] + r["seconds_teacher_forward"]
-    reached = ((r["topk_speedup"] - 1) / (r["topk_speedup_ceiling"] - 1)
-               if r["topk_speedup_ceiling"] > 1 else float("nan"))
+    # of the time a live KD step spends beyond a plain student step, the share a cache saves
+    extra = r["seconds_kd_step"] - r["seconds_student_step"]
+    reached = ((r["seconds_kd_step"] - r["seconds_kd_step_topk"]) / extra
+               if extra > 0 else float("nan"))
     note = " The machine was shared with other jobs while this ran." if shared else ""
     B, T = r["step_time_batch"]
     return [
@@ -335,10 +337,13 @@ def distill_section(shared: bool = False) -> list[str]:
         f"| KD step, forward KL, cached top-{r['top_k']} + tail bucket | "
         f"{r['seconds_kd_step_topk']:.2f} | {r['seconds_kd_step_topk'] / ideal:.2f} | |",
         "",
-        f"Cached top-{r['top_k']} logits speed a KD step up {r['topk_speedup']:.2f}×; the ceiling "
-        f"(the student still computes full logits) is {r['topk_speedup_ceiling']:.2f}×, so they "
-        f"reach {reached:.0%} of the possible gain. Peak RSS of this run: "
-        f"{r['peak_rss_bytes'] / 2**30:.2f} GiB (goal ≤ 4 GB).",
+        f"Cached top-{r['top_k']} logits speed a KD step up {r['topk_speedup']:.2f}×. The student "
+        f"still computes full logits, so the best a cache can do is a plain student step: it "
+        f"saves {reached:.0%} of the time a live KD step spends beyond one (a top-{r['top_k']} "
+        f"step costs {r['seconds_kd_step_topk'] / r['seconds_student_step']:.2f}× a student "
+        f"step; the issue's ceiling (student + teacher) / student is "
+        f"{r['topk_speedup_ceiling']:.2f}×). Peak RSS of this benchmark process (teacher, "
+        f"student and the student's training copy): {r['peak_rss_bytes'] / 2**30:.2f} GiB.",
     ]
 
 
