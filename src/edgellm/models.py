@@ -267,17 +267,26 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     return model.eval(), tok
 
 
+def _cached_ok(folder: Path, name: str, *, quiet: bool = False) -> bool:
+    """True when ``folder`` holds a cache that matches its manifest; a damaged one is removed
+    (and said so), so that the caller rebuilds it."""
+    if not folder.is_dir():
+        return False
+    problem = verify_manifest(folder)
+    if problem is None:
+        return True
+    if not quiet:
+        print(f"edgellm: cached {name} is damaged ({problem}); rebuilding", file=sys.stderr)
+    shutil.rmtree(folder)
+    return False
+
+
 def ensure_cached(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     """Build (once) and verify the safetensors cache of a registry model; return its folder."""
     entry = registry_entry(name)
     folder = cache_dir() / "models" / entry.name
-    if folder.is_dir():
-        problem = verify_manifest(folder)
-        if problem is None:
-            return folder
-        if not quiet:
-            print(f"edgellm: cached {name} is damaged ({problem}); rebuilding", file=sys.stderr)
-        shutil.rmtree(folder)
+    if _cached_ok(folder, name, quiet=quiet):
+        return folder
     gguf_path = default_gguf(name, quiet=quiet)
     folder.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -300,13 +309,8 @@ def ensure_control(name: str, *, quiet: bool = False) -> Path:
 
     spec = CONTROLS[name]
     folder = cache_dir() / "models" / name
-    if folder.is_dir():
-        problem = verify_manifest(folder)
-        if problem is None:
-            return folder
-        if not quiet:
-            print(f"edgellm: cached {name} is damaged ({problem}); rebuilding", file=sys.stderr)
-        shutil.rmtree(folder)
+    if _cached_ok(folder, name, quiet=quiet):
+        return folder
     base = ensure_cached(spec.base, quiet=quiet)
     model, tok = _load_folder(base, torch.float32)
     stats = degrid_linears(linear_layers(model), seed=spec.seed, block=spec.block)
