@@ -111,8 +111,11 @@ async function lesson(context, net) {
     await page.waitForTimeout(1000);
     st = await state();
     if (st.prompts.length && st.prompts.every((p) => /\[\d+\]/.test(p))) { done = true; break; }
-    quiet = !st.busy && st.idle ? quiet + 1 : 0;
-    if (quiet >= 10) break;                       // idle for 10 s with cells left: it stopped
+    // idle with cells left, after at least one cell ran: it stopped (before the first cell runs,
+    // a slow kernel start on a busy machine also reads as idle with every prompt empty)
+    const started = st.prompts.some((p) => /\[\d+\]/.test(p));
+    quiet = started && !st.busy && st.idle ? quiet + 1 : 0;
+    if (quiet >= 15) break;                       // idle for 15 s with cells left: it stopped
   }
   const errors = await page.evaluate(() =>
     [...document.querySelectorAll(".jp-NotebookPanel .jp-OutputArea-output")]
