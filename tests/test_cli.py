@@ -62,6 +62,17 @@ def test_bad_input_exits_2_with_a_clear_message(args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_every_model_name_the_error_lists_passes_the_name_check():
+    # the error message lists registry, control and derived names: each must be accepted
+    from edgellm.cli.common import check_model_name
+    from edgellm.models import CONTROLS, DERIVED, REGISTRY
+
+    names = [*REGISTRY, *CONTROLS, *DERIVED]
+    assert "smollm2-135m-degrid" in names and "smollm2-135m-draft" in names
+    for name in names:
+        check_model_name(name)
+
+
 @pytest.mark.integration
 def test_text_too_short_says_how_many_tokens(tmp_path):
     short = tmp_path / "short.txt"

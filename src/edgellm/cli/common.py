@@ -89,9 +89,9 @@ def check_eval_args(args) -> None:
 
 def check_model_name(name: str, flag: str = "--model") -> None:
     """A registry name, an existing path, or a hub id (``owner/name``): else a clear error."""
-    from edgellm.models import REGISTRY, registry_entry
+    from edgellm.models import CONTROLS, DERIVED, REGISTRY, registry_entry
 
-    if name in REGISTRY:
+    if name in REGISTRY or name in CONTROLS or name in DERIVED:
         return
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
