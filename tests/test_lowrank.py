@@ -124,6 +124,27 @@ def test_whitened_svd_beats_plain_svd_on_the_layer_output(rank):
     assert white / X.shape[0] == pytest.approx(expect, rel=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(24, 64), (64, 64), (96, 32)])
+def test_the_eigen_path_gives_the_factors_of_the_whitened_svd(shape):
+    # the factors come from a Gram eigendecomposition; they must equal [W L]_r L⁻¹ from an SVD
+    torch.manual_seed(1)
+    W, X = torch.randn(*shape), torch.randn(500, shape[1]) * torch.linspace(0.1, 3, shape[1])
+    H = from_inputs(X)
+    L, _ = whitening(H)
+    r = 10
+    U, S, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
+    ref = U[:, :r] @ torch.diag(S[:r]) @ torch.linalg.solve_triangular(L, Vh[:r], upper=False,
+                                                                        left=False)
+    for B, A, info in (svdllm_factors(W, H, r, return_info=True),
+                       svdllm_factors(W, rank=r, L=L, return_info=True)):
+        assert torch.allclose((B @ A).double(), ref, atol=1e-5 * float(ref.abs().max()))
+        assert info["energy_kept"] == pytest.approx(float((S[:r] ** 2).sum() / (S ** 2).sum()),
+                                                    rel=1e-9)
+        # √Σ on each side: B's column norms are √σ
+        assert torch.allclose(B.norm(dim=0).double(), S[:r].sqrt(), rtol=1e-4)
+    assert svdllm_factors(W, H, r, return_info=True)[2]["damp"] == 0.0
+
+
 def test_whitening_damps_a_singular_hessian():
     W, X = _toy(tokens=10)  # 10 tokens, 64 channels: H has rank ≤ 10
     H = from_inputs(X)

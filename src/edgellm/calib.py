@@ -192,13 +192,15 @@ class InputStats:
 
 @torch.no_grad()
 def collect_inputs(layer, linears: dict[str, nn.Linear], stream: LayerStream, *,
-                   xtx: bool = True, keep: int = 0) -> dict[str, InputStats]:
+                   xtx: bool = True, moments: bool = True,
+                   keep: int = 0) -> dict[str, InputStats]:
     """Run ``layer`` on the stream's inputs with hooks on ``linears``; return their input stats.
 
     Linears fed by the same tensor (q/k/v after ``input_layernorm``; gate/up after
     ``post_attention_layernorm``) share one :class:`InputStats` object, so ``XᵀX`` is computed
-    once per distinct input, not once per linear.  ``keep`` sequences of raw inputs are kept
-    (for AWQ's searches); everything else is reduced on the fly.
+    once per distinct input, not once per linear.  ``moments=False`` skips the per-channel
+    sums ``sq`` and ``abs`` (for a caller that reads only ``XᵀX``).  ``keep`` sequences of raw
+    inputs are kept (for AWQ's searches); everything else is reduced on the fly.
     """
     stats: dict[str, InputStats] = {}
     # id of this batch's input tensor -> (the tensor, kept alive so its id stays unique; stats)
@@ -216,8 +218,10 @@ def collect_inputs(layer, linears: dict[str, nn.Linear], stream: LayerStream, *,
             if xtx:
                 st.xtx, _ = hessian.accumulate(st.xtx, x2)
             st.n += x2.shape[0]
-            st.sq = x2.square().sum(0) if st.sq is None else st.sq.add_(x2.square().sum(0))
-            st.abs = x2.abs().sum(0) if st.abs is None else st.abs.add_(x2.abs().sum(0))
+            if moments:
+                sq, ab = x2.square().sum(0), x2.abs().sum(0)
+                st.sq = sq if st.sq is None else st.sq.add_(sq)
+                st.abs = ab if st.abs is None else st.abs.add_(ab)
             take = min(keep - n_done[0], x.shape[0])
             if take > 0:
                 st.X = (st.X or []) + [x[:take].detach().float().clone()]

@@ -215,26 +215,19 @@ def factorize_model(model, calib=None, *, method: str = "svd", ratio: float | No
             B, A, energy[name] = _factorize("svd", lin.weight, r)
             swap(name, lin, B, A)
     else:
-        from edgellm.calib import check_calibration, collect_inputs, sequential
+        from edgellm.calib import check_calibration, sequential
+        from edgellm.lowrank.factor import factor_layer
 
         ids = check_calibration(calib)
         wanted = sorted({int(n.split(".")[2]) for n in plan})
 
         def factorize_layer(index, layer, stream):
             lins = {n: m for n, m in layer_linears(model, index).items() if n in plan}
-            stats = collect_inputs(layer, lins, stream, xtx=method == "svdllm")
-            whitened = {}  # one Cholesky per distinct input (q/k/v, gate/up share theirs)
-            for name, lin in lins.items():
-                st, L = stats[name], None
-                if method == "svdllm":
-                    from edgellm.lowrank.svdllm import whitening
-
-                    if id(st) not in whitened:
-                        whitened[id(st)] = whitening(st.H)
-                    L, damps[name] = whitened[id(st)]
-                B, A, energy[name] = _factorize(method, lin.weight, plan[name], st,
-                                                   alpha=alpha, L=L)
-                swap(name, lin, B, A)
+            for name, (B, A, energy[name], damp) in factor_layer(
+                    method, layer, lins, plan, stream, alpha=alpha).items():
+                if damp is not None:
+                    damps[name] = damp
+                swap(name, lins[name], B, A)
 
         sequential(model, ids, factorize_layer, layers=wanted, batch_size=batch_size,
                    progress=progress, desc=method.upper())

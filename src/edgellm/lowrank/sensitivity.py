@@ -62,8 +62,8 @@ def layer_sensitivity(model, calib, tokens, *, method: str = "svdllm", ratio: fl
     ``calib`` (n_samples, seq_len) token ids (ignored by ``svd``); ``tokens`` 1-D held-out ids
     scored with the gptq protocol at ``ctx``.  ``model`` is left unchanged.
     """
-    from edgellm.calib import collect_inputs, sequential
-    from edgellm.lowrank.factor import factor_pair, linear_shapes
+    from edgellm.calib import sequential
+    from edgellm.lowrank.factor import factor_layer, factor_pair, linear_shapes
     from edgellm.metrics import token_logprobs
     from edgellm.models import layer_linears
 
@@ -76,17 +76,8 @@ def layer_sensitivity(model, calib, tokens, *, method: str = "svdllm", ratio: fl
     else:
         def collect(index, layer, stream):  # factors from the dense inputs; nothing swapped
             lins = {n: m for n, m in layer_linears(model, index).items() if n in plan}
-            stats = collect_inputs(layer, lins, stream, xtx=method == "svdllm")
-            whitened = {}
-            for name, lin in lins.items():
-                st, L = stats[name], None
-                if method == "svdllm":
-                    from edgellm.lowrank.svdllm import whitening
-
-                    if id(st) not in whitened:
-                        whitened[id(st)] = whitening(st.H)
-                    L = whitened[id(st)][0]
-                B, A, _ = factor_pair(method, lin.weight, plan[name], st, alpha=alpha, L=L)
+            for name, (B, A, _, _) in factor_layer(method, layer, lins, plan, stream,
+                                                   alpha=alpha).items():
                 factors[name] = (B, A)
 
         sequential(model, calib, collect, batch_size=batch_size, progress=progress,
