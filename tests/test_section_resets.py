@@ -47,3 +47,21 @@ def test_a_section_that_leans_on_an_earlier_one_fails_only_with_resets(tmp_path)
 
     nbformat.write(_notebook("import math\ny = math.pi * 2"), path)   # self-contained
     assert not run_notebook(path, fast=True, reset_sections=True).errors
+
+
+@pytest.mark.notebook
+def test_an_executed_notebook_reports_its_kernels_peak_memory(tmp_path):
+    # a cell that holds 300 MB: the kernel's peak must show it; the measuring cell comes out again
+    path = tmp_path / "lesson.ipynb"
+    nb = _notebook("import numpy as np\nbig = np.ones(300 * 2**20 // 8)\ndel big")
+    n_cells = len(nb.cells)
+    nbformat.write(nb, path)
+    run = run_notebook(path, fast=True, out=tmp_path / "out.ipynb")
+    assert not run.errors and len(run.nb.cells) == n_cells
+    assert 300 * 2**20 < run.peak_rss_bytes < 8 * 2**30
+    written = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert written.metadata["edgellm"]["peak_rss_bytes"] == run.peak_rss_bytes
+    assert len(written.cells) == n_cells
+
+    nbformat.write(_notebook("raise ValueError('stop')"), path)
+    assert run_notebook(path, fast=True, stop_on_error=True).peak_rss_bytes is None

@@ -23,7 +23,8 @@ def render_course(out, runs: list[dict], *, fast: bool = False, exercises_dir=No
                   web_assets: bool = True) -> dict:
     """Render executed notebooks, copy the exercise sheets, write results and index pages.
 
-    ``runs``: dicts ``{"folder", "name", "ipynb" (executed notebook path), "status", "seconds"}``.
+    ``runs``: dicts ``{"folder", "name", "ipynb" (executed notebook path), "status", "seconds",
+    "peak_rss_bytes"}`` (the last is optional).
     Returns the course summary (also in ``out/results.json``).  ``web_assets=False``: pages
     without MathJax and the widget manager, each saying so (no npm needed); otherwise missing
     assets are installed with npm, or the call fails before rendering anything.

@@ -52,6 +52,23 @@ def remove_section_resets(nb) -> None:
     nb.cells = [c for c in nb.cells if RESET_TAG not in c.get("metadata", {}).get("tags", [])]
 
 
+# appended to every executed notebook and taken out again: the kernel's peak resident memory
+PEAK_RSS_TAG = "edgellm-peak-rss"
+_PEAK_RSS_SOURCE = ("from edgellm.measure import peak_rss_bytes as _edgellm_peak_rss\n"
+                    "print(_edgellm_peak_rss())")
+
+
+def _measure_peak_rss(nb) -> None:
+    """Take the peak-RSS cell out of ``nb``; store its reading in ``nb.metadata.edgellm``."""
+    peak = None
+    for cell in [c for c in nb.cells if PEAK_RSS_TAG in c.get("metadata", {}).get("tags", [])]:
+        text = "".join(o.get("text", "") for o in cell.get("outputs", [])
+                       if o.get("output_type") == "stream").strip()
+        peak = int(text) if text.isdigit() else None
+        nb.cells.remove(cell)
+    nb.metadata.setdefault("edgellm", {})["peak_rss_bytes"] = peak
+
+
 def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
                      allow_errors: bool = False, reset_sections: bool = False):
     """Execute a notebook top to bottom in a fresh kernel; write the executed copy to ``out``.
@@ -59,7 +76,9 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
     Returns the executed ``nbformat`` notebook.  FAST mode is passed to the kernel through
     ``EDGELLM_FAST``; the kernel starts in the notebook's own folder.  ``reset_sections=True``
     runs ``%reset -f`` before every ``## `` section (:func:`insert_section_resets`); the
-    executed copy and the returned notebook have those cells taken out again.
+    executed copy and the returned notebook have those cells taken out again.  The kernel's
+    peak resident memory (child processes not included) lands in
+    ``nb.metadata["edgellm"]["peak_rss_bytes"]`` (``None`` when a stopping error came first).
     """
     import nbformat
     from nbclient import NotebookClient
@@ -70,6 +89,8 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
     nb = nbformat.read(path, as_version=4)
     if reset_sections:
         insert_section_resets(nb)
+    nb.cells.append(nbformat.v4.new_code_cell(_PEAK_RSS_SOURCE,
+                                              metadata={"tags": [PEAK_RSS_TAG]}))
     saved = os.environ.get("EDGELLM_FAST")
     os.environ["EDGELLM_FAST"] = "1" if fast else "0"
     try:
@@ -85,6 +106,7 @@ def execute_notebook(path, out=None, *, fast: bool = True, timeout: int = 900,
             client.execute()
         finally:
             remove_section_resets(nb)
+            _measure_peak_rss(nb)
             if out is not None:
                 write_text(nbformat.writes(nb), out)
     finally:
@@ -103,6 +125,11 @@ class NotebookRun:
     errors: list[dict]           # [{"cell", "ename", "evalue"}]
     seconds: float
     stopped: bool                # True when execution stopped at the first error
+
+    @property
+    def peak_rss_bytes(self) -> int | None:
+        """The kernel's peak resident memory (``None`` if execution stopped first)."""
+        return self.nb.metadata.get("edgellm", {}).get("peak_rss_bytes")
 
 
 def run_notebook(path, out=None, *, fast: bool = True, stop_on_error: bool = False,
@@ -189,9 +216,12 @@ def run_course(out, *, fast: bool = False, only: str | None = None, render: bool
         else:
             status = "ok"
         over = "" if run.seconds <= budget else f"  (over the {budget} s budget)"
-        print(f"      {status}  {run.seconds:.1f} s{over}", flush=True)
+        peak = run.peak_rss_bytes
+        mem = "" if peak is None else f", kernel peak RSS {peak / 2**30:.2f} GiB"
+        print(f"      {status}  {run.seconds:.1f} s{mem}{over}", flush=True)
         runs.append({"folder": folder, "name": path.stem, "ipynb": str(dest), "status": status,
-                     "seconds": round(run.seconds, 1), "budget_seconds": budget})
+                     "seconds": round(run.seconds, 1), "budget_seconds": budget,
+                     "peak_rss_bytes": peak})
     if render:
         from edgellm.course.build import render_course
 
