@@ -102,6 +102,20 @@ def test_apply_gptq_on_tiny_model(tiny):
     assert (out - want).abs().mean() < 0.1 * want.abs().mean()
 
 
+@pytest.mark.parametrize("setting", [{"act_order": True}, {"damp": 0.1},
+                                     {"group_params": "block_start"}])
+def test_gptq_settings_reach_the_quantizer_and_the_record(tiny, setting):
+    # each of --act-order / --damp / --group-params reaches GPTQ: the codes change
+    from edgellm.quant.apply import quantize_weights
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    base = quantize_weights(copy.deepcopy(tiny), ids, method="gptq", bits=3, group_size=16)
+    got = quantize_weights(copy.deepcopy(tiny), ids, method="gptq", bits=3, group_size=16,
+                           **setting)
+    assert any(not torch.equal(base.qtensors[n].codes, got.qtensors[n].codes)
+               for n in base.qtensors)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("sym", [False, True])
 def test_gptq_beats_rtn_on_every_linear_of_the_real_model(default_model, sym):

@@ -46,7 +46,7 @@ from edgellm.cli.common import (
     parse_group_size,
     parse_threshold,
 )
-from edgellm.quant.apply import A_FORMATS, METHODS
+from edgellm.quant.apply import A_FORMATS, GROUP_PARAMS, METHODS
 from edgellm.quant.salient import SALIENT_BY
 
 
@@ -61,6 +61,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric (no zero point); default asym")
     p.add_argument("--type", default="Q4_0", help="GGUF type with --method gguf "
                    "(F16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, MXFP4)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by "
+                   "decreasing diag(H) (default: left to right)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, a fraction of the "
+                   "mean diagonal of H added to it (default 0.01)")
+    p.add_argument("--group-params", default="current", choices=GROUP_PARAMS,
+                   help="GPTQ with groups: each group's scale from the weights as updated so far "
+                   "(current, default) or as they stood when the 128-column block started "
+                   "(block_start, the reference implementation's)")
     p.add_argument("--bpw-budget", type=float, help="mixed precision: average bits per weight "
                    "(more bits to the most sensitive layers)")
     p.add_argument("--a-bits", type=int, help="activation bits (2-8, or 16); default: "
@@ -99,7 +107,8 @@ def run(args) -> dict:
 
     opts = dict(a_bits=args.a_bits, a_format=args.a_format, a_static=args.a_static,
                 alpha=args.alpha, kv_bits=args.kv_bits, threshold=args.threshold,
-                lorc_rank=args.lorc_rank)
+                lorc_rank=args.lorc_rank, act_order=args.act_order, damp=args.damp,
+                group_params=args.group_params)
     # every bad name or value fails here, before the model is loaded
     check_options(args.method, bpw_budget=args.bpw_budget, qtype=args.type, bits=args.bits,
                   keep_salient=args.keep_salient, salient_by=args.salient_by, **opts)

@@ -27,6 +27,7 @@ A_FORMATS = ("int", "fp8")
 # LoRC fits W − Q with W the weights the quantizer was given: every method whose model holds
 # fake-quantized weights of its own input (AWQ rescales weights and norms inside its search;
 # llm_int8 keeps int8 codes and quantizes at run time)
+GROUP_PARAMS = ("current", "block_start")  # GPTQ: where a group's scale comes from
 LORC_METHODS = ("rtn", "gptq", "imatrix", "gguf", "smoothquant", "rotate", "lwc")
 DECODE_PROMPT_TOKENS = 32  # untimed prompt before the timed decode steps
 
@@ -35,7 +36,8 @@ def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: s
                   a_static: bool = False, alpha: float = 0.5, kv_bits: int | None = None,
                   threshold: float | None = 6.0, bpw_budget: float | None = None,
                   qtype: str = "Q4_0", bits: int = 4, keep_salient: float | None = None,
-                  salient_by: str = "act", lorc_rank: int = 0) -> None:
+                  salient_by: str = "act", lorc_rank: int = 0, act_order: bool = False,
+                  damp: float = 0.01, group_params: str = "current") -> None:
     """Reject bad combinations before any work (raises :class:`QuantError`; a bad LoRC rank
     :class:`edgellm.lowrank.svd.LowRankError`)."""
     from edgellm.quant.qtensor import QuantError
@@ -49,6 +51,8 @@ def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: s
 
     if method not in METHODS:
         raise QuantError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    check_gptq_options(method, act_order=act_order, damp=damp, group_params=group_params,
+                       bpw_budget=bpw_budget)
     if method not in ("gguf", "llm_int8"):  # these two fix their own bits
         check_bits(bits)
     if method == "gguf":
@@ -96,13 +100,33 @@ def check_options(method: str = "rtn", *, a_bits: int | None = None, a_format: s
                          "(or 16 = fp16)")
 
 
+def check_gptq_options(method: str, *, act_order: bool = False, damp: float = 0.01,
+                       group_params: str = "current", bpw_budget: float | None = None) -> None:
+    """GPTQ's own settings (``--act-order``, ``--damp``, ``--group-params``) apply to
+    ``--method gptq`` only, without ``--bpw-budget``."""
+    from edgellm.quant.qtensor import QuantError
+
+    if not 0 < damp < 1:
+        raise QuantError(f"damp={damp}: GPTQ's damping is a fraction of the mean diagonal of H; "
+                         "use a value in (0, 1), e.g. 0.01 (the papers') or 0.1")
+    if group_params not in GROUP_PARAMS:
+        raise QuantError(f"group_params={group_params!r}; use one of {', '.join(GROUP_PARAMS)}")
+    if (act_order, damp, group_params) != (False, 0.01, "current") and (
+            method != "gptq" or bpw_budget is not None):
+        raise QuantError("--act-order, --damp and --group-params are GPTQ's settings: use them "
+                         "with --method gptq and without --bpw-budget")
+
+
 def quantize_weights(model, calib, *, method: str = "rtn", bits: int = 4,
                      group_size: int | None = 64, sym: bool = False,
-                     bpw_budget: float | None = None, progress: bool = False) -> QuantResult:
+                     bpw_budget: float | None = None, act_order: bool = False,
+                     damp: float = 0.01, group_params: str = "current",
+                     progress: bool = False) -> QuantResult:
     """Quantize the decoder's linear weights by method name (explicit dispatch); a
     :class:`QuantResult`.  ``calib`` (n_samples, seq_len) token ids for the calibrated
     methods and for a ``bpw_budget`` (mixed precision with RTN or GPTQ); ``None`` otherwise.
-    ``smoothquant`` and ``rotate`` weights are quantized by RTN after their transform."""
+    ``smoothquant`` and ``rotate`` weights are quantized by RTN after their transform.
+    ``act_order``, ``damp`` and ``group_params`` are GPTQ's (:func:`edgellm.quant.gptq.gptq_quantize`)."""
     from edgellm.quant.qtensor import QuantError
 
     common = dict(bits=bits, group_size=group_size, sym=sym, progress=progress)
@@ -118,7 +142,8 @@ def quantize_weights(model, calib, *, method: str = "rtn", bits: int = 4,
     if method == "gptq":
         from edgellm.quant.gptq import apply_gptq
 
-        return apply_gptq(model, calib, **common)
+        return apply_gptq(model, calib, act_order=act_order, damp=damp,
+                          group_params=group_params, **common)
     if method == "awq":
         from edgellm.quant.awq import apply_awq
 
@@ -142,7 +167,8 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
                    a_bits: int | None = None, a_format: str = "int", a_static: bool = False,
                    alpha: float = 0.5, kv_bits: int | None = None,
                    threshold: float | None = 6.0, keep_salient: float | None = None,
-                   salient_by: str = "act", lorc_rank: int = 0) -> QuantResult:
+                   salient_by: str = "act", lorc_rank: int = 0, act_order: bool = False,
+                   damp: float = 0.01, group_params: str = "current") -> QuantResult:
     """Quantize ``model`` in place by method name; return a :class:`QuantResult`.
 
     ``keep_salient`` (a fraction, e.g. 0.01) restores that share of each linear's input
@@ -168,11 +194,14 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
     check_options(method, a_bits=a_bits, a_format=a_format, a_static=a_static, alpha=alpha,
                   kv_bits=kv_bits, threshold=threshold, bpw_budget=bpw_budget, qtype=qtype,
                   bits=bits, keep_salient=keep_salient, salient_by=salient_by,
-                  lorc_rank=lorc_rank)
+                  lorc_rank=lorc_rank, act_order=act_order, damp=damp,
+                  group_params=group_params)
     info = {"method": method, "bits": bits, "group_size": group_size, "sym": sym,
             "a_bits": a_bits, "a_format": a_format if a_bits is not None else None,
             "a_static": a_static if a_bits is not None else None,
             "alpha": alpha if method == "smoothquant" else None, "kv_bits": kv_bits}
+    if method == "gptq":
+        info.update(act_order=act_order, damp=damp, group_params=group_params)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     ids = None
@@ -233,7 +262,8 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
             mags = mean_abs_inputs(model, calibration(), lins) if salient_by == "act" else None
         keep_weights()
         res = quantize_weights(model, ids, method=method, bits=bits, group_size=group_size,
-                               sym=sym, bpw_budget=bpw_budget, progress=progress)
+                               sym=sym, bpw_budget=bpw_budget, act_order=act_order, damp=damp,
+                               group_params=group_params, progress=progress)
         qts, clips = res.qtensors, res.clips
         if keep_salient is not None:
             info.update(keep_salient=keep_salient, salient_by=salient_by,

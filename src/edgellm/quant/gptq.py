@@ -183,7 +183,8 @@ def bits_for(bits, name: str) -> int:
 def apply_gptq(model, calib, *, bits=4, group_size: int | None = 64, sym: bool = False,
                damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                static_groups: bool = False, scale_dtype: torch.dtype | None = torch.float16,
-               layers=None, batch_size: int = 8, progress: bool = True) -> QuantResult:
+               group_params: str = "current", layers=None, batch_size: int = 8,
+               progress: bool = True) -> QuantResult:
     """GPTQ-quantize the decoder's linear layers in place (fake quant); return a
     :class:`QuantResult` (``qtensors`` ``{name: QTensor}``).
 
@@ -207,7 +208,8 @@ def apply_gptq(model, calib, *, bits=4, group_size: int | None = 64, sym: bool =
         for (_, b), names in groups.items():
             Ws = [linears[n].weight for n in names]
             Q, qt = gptq_quantize(torch.cat(Ws), stats[names[0]].H, b, group_size, sym, damp,
-                                  block_size, act_order, static_groups, scale_dtype)
+                                  block_size, act_order, static_groups, scale_dtype,
+                                  group_params=group_params)
             r = 0
             for n, w, part in zip(names, Ws, _split_rows(qt, [w.shape[0] for w in Ws]), strict=True):
                 w.copy_(Q[r:r + w.shape[0]].to(w.dtype))
