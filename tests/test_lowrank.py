@@ -396,6 +396,7 @@ def test_lorc_bad_input(tiny):
 
 
 def test_spread_ratios_keep_the_budget_and_order_by_sensitivity():
+    from edgellm.allocation import AllocationError
     from edgellm.lowrank.sensitivity import spread_ratios
 
     sens = {0: 0.5, 1: 0.01, 2: 0.2, 3: 0.05}
@@ -404,7 +405,7 @@ def test_spread_ratios_keep_the_budget_and_order_by_sensitivity():
     assert r[3] == pytest.approx(0.2 + 0.1 / 3) and r[2] == pytest.approx(0.2 - 0.1 / 3)
     assert sum(r.values()) / len(r) == pytest.approx(0.2)
     assert spread_ratios(sens, 0.2, 0.0) == dict.fromkeys(sens, 0.2)
-    with pytest.raises(LowRankError, match="spread"):
+    with pytest.raises(AllocationError, match="spread"):
         spread_ratios(sens, 0.2, 0.2)
 
 

@@ -186,3 +186,45 @@ def test_sparse_storage_accounting_on_a_tiny_model():
     # fp32 values: half the weights kept, each 32 + 2 bits
     assert s["size_bytes_sparse"] == pytest.approx(dense - lin_bytes + lin_bytes / 4 / 2 * 34 / 8,
                                                    abs=1)
+
+
+# per-layer sensitivity and a spread sparsity (edgellm.prune.sensitivity)
+
+
+def test_sensitivity_scan_prunes_one_layer_at_a_time_and_per_layer_sparsity_lands(tiny):
+    """On the tiny model: the scan leaves the model unchanged and gives one ΔNLL per layer,
+    each that of a copy with only that layer pruned by Wanda's masks from the dense inputs;
+    apply_wanda with the spread sparsities hits each layer's target at the same total."""
+    import copy
+
+    from edgellm.allocation import spread_ratios
+    from edgellm.calib import layer_linears
+    from edgellm.metrics import token_logprobs
+    from edgellm.prune.sensitivity import layer_sensitivity
+    from edgellm.prune.wanda import apply_wanda
+
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 256, (4, 32), generator=g)
+    tokens = torch.randint(0, 256, (256,), generator=g)
+    before = copy.deepcopy(tiny.state_dict())
+    sens = layer_sensitivity(tiny, calib, tokens, sparsity=0.5, ctx=64)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    n_layers = len(tiny.model.layers)
+    assert sorted(sens) == list(range(n_layers)) and len(set(sens.values())) == n_layers
+    # layer 0 pruned alone, by apply_wanda restricted to it (layer 0's inputs are dense anyway)
+    one = copy.deepcopy(tiny)
+    apply_wanda(one, calib, 0.5, layer_sparsity={i: (0.5 if i == 0 else 0.0)
+                                                  for i in range(n_layers)}, progress=False)
+    base = token_logprobs(tiny, tokens, "gptq", 64, progress=False)["nll"]
+    nll = token_logprobs(one, tokens, "gptq", 64, progress=False)["nll"]
+    assert float((nll - base).mean()) == pytest.approx(sens[0], rel=1e-5)
+
+    targets = spread_ratios(sens, 0.5, 0.2)
+    stats = apply_wanda(tiny, calib, 0.5, layer_sparsity=targets, progress=False)
+    for i, s in targets.items():
+        lins = layer_linears(tiny, i).values()
+        zeros = sum(int((m.weight == 0).sum()) for m in lins) / sum(m.weight.numel() for m in lins)
+        assert zeros == pytest.approx(s, abs=0.05)
+    assert stats["sparsity"] == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(PruneError, match="N:M"):
+        apply_wanda(tiny, calib, None, (2, 4), layer_sparsity=targets, progress=False)

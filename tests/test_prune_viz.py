@@ -72,3 +72,24 @@ def test_contextual_table_two_by_two():
                  "stdlib": {"pydoc": 30.0, "stdlib": 5.0}}
     with pytest.raises(PruneError, match="--eval"):
         contextual_table([{**recs[0], "ppl": None}])
+
+
+def test_allocation_rows_pair_each_allocated_run_with_its_uniform_run():
+    from edgellm.lessons.pruning import allocation_rows
+
+    uniform = [{"method": "wanda", "nm": None, "structured": None, "sparsity_target": s,
+                "n_tokens": 8176, "data": "pydoc", "ppl": p, "delta_nll": d,
+                "delta_nll_stderr": 0.01} for s, p, d in ((0.5, 12.0, 0.20), (0.7, 60.0, 1.80))]
+    sens = {str(i): 0.01 * ((7 * i) % 30) for i in range(30)}
+    allocated = [{"sparsity_target": 0.5, "spread": 0.1, "ppl": 11.0, "delta_nll": 0.15,
+                  "delta_nll_stderr": 0.01, "sensitivity": sens, "sparsity": 0.5,
+                  "n_tokens": 8176, "data": "pydoc"},
+                 {"sparsity_target": 0.7, "spread": 0.1, "ppl": 59.0, "delta_nll": 1.79,
+                  "delta_nll_stderr": 0.01, "sensitivity": sens, "sparsity": 0.7,
+                  "n_tokens": 8176, "data": "pydoc"}]
+    a, b = allocation_rows(allocated, uniform)
+    assert a["ppl_uniform"] == 12.0 and a["diff"] == pytest.approx(-0.05)
+    assert a["verdict"] == "allocation better"          # 0.05 > 2 · √2 · 0.01
+    assert b["verdict"] == "not resolved"               # 0.01 < 0.028
+    assert a["least_sensitive"][0] == 0 and len(a["most_sensitive"]) == 3
+    assert "diff" not in allocation_rows(allocated, uniform[:0])[0]

@@ -16,7 +16,9 @@ With ``--eval`` an unpruned copy is the reference: ``ppl``, ``ppl_base``, ``kl_m
 ``--recover-steps K`` fine-tunes K steps on the train split (plain with the zeros kept, or
 ``--lora``); ``--control`` fine-tunes the unpruned model the same way (``ppl_control``);
 ``--baseline-calib C`` prunes a second copy calibrated on corpus C and reports the paired
-``delta_nll_vs_baseline`` between the two masks (contextual pruning); the
+``delta_nll_vs_baseline`` between the two masks (contextual pruning); ``--allocate
+sensitivity`` (Wanda) measures each layer's ΔNLL when pruned alone and spreads the sparsity
+by ``--spread`` over the layers at the same total (``sensitivity``, ``layer_sparsity_target``); the
 record keeps ``ppl_before_recovery`` / ``kl_mean_before_recovery`` and ``ppl`` is after recovery.
 ``--calib stdlib --data pydoc`` (any two corpora) is contextual pruning: scores from one domain,
 perplexity on another.
@@ -74,6 +76,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--baseline-calib", metavar="CORPUS",
                    help="also prune a copy calibrated on CORPUS; with --eval, the paired "
                         "delta_nll_vs_baseline (this mask minus that one)")
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"],
+                   help="Wanda: the same sparsity in every layer, or spread by each layer's "
+                        "measured sensitivity at the same total")
+    p.add_argument("--spread", type=float, default=0.1,
+                   help="sensitivity allocation: layer sparsities from sparsity+spread (least "
+                        "sensitive) to sparsity-spread (most)")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048,
+                   help="validation tokens of the calibration corpus for the per-layer scan")
     p.add_argument("--out", help="save the pruned model (safetensors) to this folder")
     p.add_argument("--eval", action="store_true", help="perplexity and KL vs the unpruned model")
     add_eval_args(p)
@@ -91,8 +101,8 @@ def run(args) -> dict:
         evaluate=args.eval, eval_settings=eval_settings(args), recover_steps=args.recover_steps,
         recover_lr=args.recover_lr, recover_batch=args.recover_batch,
         recover_seq_len=args.recover_seq_len, lora=args.lora, control=args.control,
-        baseline_calib=args.baseline_calib,
-        out=args.out, progress=not args.json)
+        baseline_calib=args.baseline_calib, allocate=args.allocate, spread=args.spread,
+        sensitivity_tokens=args.sensitivity_tokens, out=args.out, progress=not args.json)
 
 
 def _check_args(args) -> None:
@@ -103,6 +113,11 @@ def _check_args(args) -> None:
         check_sparsity(args.sparsity)
     if args.structured:
         _check_ratio(args.ratio, args.structured)
+    from edgellm.prune.apply import check_allocation
+
+    check_allocation(args.allocate, method=args.method, sparsity=args.sparsity, nm=args.nm,
+                     structured=args.structured, spread=args.spread,
+                     sensitivity_tokens=args.sensitivity_tokens)
     if args.recover_steps < 0:
         raise PruneError(f"--recover-steps {args.recover_steps} must be >= 0")
     if args.n_samples < 1 or args.seq_len < 2:

@@ -15,6 +15,49 @@ from edgellm.prune.masks import PruneError, select_mask
 from edgellm.prune.wanda import wanda_scores
 
 
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    """Print a small fixed-width table from a list of dicts (floats with 4 significant
+    digits, ``None`` as ``-``)."""
+    print(" | ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:>12.4g}" if isinstance(v, float)
+                         else f"{'-' if v is None else v!s:>12}")
+        print(" | ".join(cells))
+
+
+def lesson_setup():
+    """``(model, tok, calib, EVAL)``: what every section of lesson 06 starts from.
+
+    ``calib`` (n_samples, seq_len) pydoc train windows (32 × 512; FAST: 4 × 128), ``EVAL`` the
+    keyword arguments of :func:`edgellm.metrics.evaluate_paired` (pydoc test, gptq protocol).
+    """
+    from edgellm.course import fast_or
+    from edgellm.data import get_calibration
+    from edgellm.models import load_model
+
+    model, tok = load_model()
+    calib = get_calibration("pydoc", n_samples=fast_or(32, 4), seq_len=fast_or(512, 128), seed=0,
+                            tokenizer=tok)
+    EVAL = dict(data="pydoc", split="test", protocol="gptq", ctx=fast_or(512, 256),
+                max_tokens=fast_or(2048, 512))
+    return model, tok, calib, EVAL
+
+
+def layer0_inputs(model, calib, *, keep: bool = False):
+    """``(lins, stats)``: layer 0's linears and their input statistics on ``calib``
+    (``keep=True`` also keeps the raw inputs, ``stats[name].X``)."""
+    from edgellm.calib import LayerStream, collect_inputs, layer_linears
+
+    stream = LayerStream(model, calib)
+    lins = layer_linears(model, 0)
+    stats = collect_inputs(stream.layers[0], lins, stream, xtx=keep,
+                           keep=calib.shape[0] if keep else 0)
+    return lins, stats
+
+
 def mask_for(W: torch.Tensor, method: str = "magnitude", sparsity: float = 0.5,
              pattern: str = "unstructured", x_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask (out, in) of ``W`` for a scoring ``method`` (magnitude | wanda) and a
@@ -200,3 +243,33 @@ def sparsity_widget(W: torch.Tensor, x_norm: torch.Tensor, records: list[dict], 
         c.observe(show, "value")
     show()
     display(w.VBox([w.HBox([method, pattern]), sparsity, out]))
+
+
+def allocation_rows(allocated: list[dict], uniform: list[dict]) -> list[dict]:
+    """One row per ``06_sensitivity`` record next to the uniform Wanda run at the same target
+    sparsity and evaluation (``06_sparsity``): PPLs, each ΔNLL vs the dense model, their
+    difference (allocated − uniform) with the conservative bound ``√(se_a² + se_u²)`` (both are
+    paired against the same dense tokens; their errors are positively correlated, so the true
+    standard error is smaller) and a verdict that needs the difference to exceed twice it."""
+    import math
+
+    rows = []
+    for a in allocated:
+        u = next((r for r in uniform if r["method"] == "wanda" and not r.get("nm")
+                  and not r.get("structured") and r.get("sparsity_target") == a["sparsity_target"]
+                  and r.get("n_tokens") == a["n_tokens"] and r.get("data") == a["data"]), None)
+        sens = {int(k): v for k, v in a["sensitivity"].items()}
+        order = sorted(sens, key=sens.get)
+        row = {"sparsity": a["sparsity_target"], "spread": a["spread"], "ppl": a["ppl"],
+               "delta_nll": a["delta_nll"], "delta_nll_stderr": a["delta_nll_stderr"],
+               "least_sensitive": order[:3], "most_sensitive": order[-3:],
+               "sparsity_achieved": a["sparsity"], "n_tokens": a["n_tokens"]}
+        if u is not None:
+            diff = a["delta_nll"] - u["delta_nll"]
+            bound = math.hypot(a["delta_nll_stderr"], u["delta_nll_stderr"])
+            row.update(ppl_uniform=u["ppl"], delta_nll_uniform=u["delta_nll"], diff=diff,
+                       bound=bound, verdict=("allocation better" if diff < -2 * bound else
+                                             "uniform better" if diff > 2 * bound else
+                                             "not resolved"))
+        rows.append(row)
+    return rows

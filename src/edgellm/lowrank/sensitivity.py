@@ -5,38 +5,21 @@
 is dense, on held-out tokens (the validation split of the calibration corpus, never the test
 text).  The factors of every layer come from the *dense* model's inputs, computed in one pass.
 
-**Allocation** (the layer-wise rule of OWL, Yin et al. 2024, applied to ranks): sort the layers
-from least to most sensitive, ``k_i`` = 0 … L−1, and remove from layer ``i`` the fraction
-
-    ρ_i = ρ + λ · (1 − 2 k_i / (L − 1)),
-
-so the least sensitive layer gives up ``ρ + λ``, the most sensitive ``ρ − λ``.  The offsets sum
-to zero and every decoder layer of this model has the same shapes, so the whole model still
-removes ``ρ`` of the factorized parameters (up to rank rounding): an equal budget, compared
-with the uniform ratio.  Bounded by construction (``λ`` < ρ and < 1 − ρ), unlike a rule
-proportional to the sensitivity, which hands near-zero ranks to layers whose measured ΔNLL is
-near zero at ``ρ`` and says nothing about what they cost at rank 1.
+**Allocation**: :func:`edgellm.allocation.spread_ratios` (the bounded, budget-keeping rule
+of OWL, Yin et al. 2024, applied to ranks): the least sensitive layer removes ``ρ + λ``, the
+most sensitive ``ρ − λ``, linearly in between, so the whole model still removes ``ρ`` of the
+factorized parameters (up to rank rounding).
 """
 
 from __future__ import annotations
 
 import torch
 
+from edgellm.allocation import spread_ratios
 from edgellm.lowrank.layers import LowRankLinear, replace_module
-from edgellm.lowrank.svd import LowRankError, check_ratio, factor_params, rank_for_ratio
+from edgellm.lowrank.svd import factor_params, rank_for_ratio
 
-
-def spread_ratios(sensitivity: dict[int, float], ratio: float, spread: float) -> dict[int, float]:
-    """``{layer: ρ_i}`` by the rule above; ``spread`` is λ, with ``0 ≤ λ < min(ρ, 1 − ρ)``."""
-    check_ratio(ratio)
-    if not 0.0 <= spread < min(ratio, 1.0 - ratio):
-        raise LowRankError(f"spread={spread} must be in [0, {min(ratio, 1 - ratio):.3g}) at "
-                           f"ratio {ratio}: every layer must keep a ratio in (0, 1)")
-    order = sorted(sensitivity, key=lambda i: (sensitivity[i], i))  # least sensitive first
-    L = len(order)
-    if L == 1:
-        return {order[0]: ratio}
-    return {i: ratio + spread * (1 - 2 * k / (L - 1)) for k, i in enumerate(order)}
+__all__ = ["budget", "layer_sensitivity", "ranks_for_layer_ratios", "spread_ratios"]
 
 
 def ranks_for_layer_ratios(shapes: dict[str, tuple[int, int]],

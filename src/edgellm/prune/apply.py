@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from edgellm.metrics import EvalSettings
 from edgellm.models import DEFAULT_MODEL
 
+ALLOCATE = ("uniform", "sensitivity")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED = ("heads", "channels", "layers")
 
@@ -37,11 +38,15 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
                 nm: tuple[int, int] | None = None, scope: str = "row",
                 structured: str | None = None, ratio: float = 0.2, granularity: str = "query",
                 calib: str = "pydoc", n_samples: int = 32, seq_len: int = 512, seed: int = 0,
+                allocate: str = "uniform", spread: float = 0.1, sensitivity_tokens: int = 2048,
                 progress: bool = False) -> PruneResult:
     """Prune ``model`` in place by name; return a :class:`PruneResult` (achieved sparsity etc.).
 
     The library entry point behind ``edgellm prune`` (the lesson calls it too).  Without
-    ``structured``, ``sparsity`` defaults to 0.5.
+    ``structured``, ``sparsity`` defaults to 0.5.  ``allocate="sensitivity"`` (Wanda,
+    unstructured) first scans each layer's ΔNLL on ``sensitivity_tokens`` of the calibration
+    corpus's validation split, then gives the layers ``sparsity ± spread`` at the same total
+    (:mod:`edgellm.prune.sensitivity`, :func:`edgellm.allocation.spread_ratios`).
     """
     import torch
 
@@ -51,6 +56,8 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
         raise PruneError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if structured is None and sparsity is None and nm is None:
         sparsity = 0.5
+    check_allocation(allocate, method=method, sparsity=sparsity, nm=nm, structured=structured,
+                     spread=spread, sensitivity_tokens=sensitivity_tokens)
     torch.manual_seed(seed)
     info = {"method": method, "sparsity_target": sparsity,
             "nm": f"{nm[0]}:{nm[1]}" if nm else None, "structured": structured,
@@ -82,7 +89,13 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
         elif method == "wanda":
             from edgellm.prune.wanda import apply_wanda
 
-            stats = apply_wanda(model, ids, sparsity, nm, progress=progress)
+            layer_sparsity = None
+            if allocate == "sensitivity":
+                layer_sparsity = _allocate(model, tok, ids, info, calib=calib, sparsity=sparsity,
+                                           spread=spread, sensitivity_tokens=sensitivity_tokens,
+                                           progress=progress)
+            stats = apply_wanda(model, ids, sparsity, nm, layer_sparsity=layer_sparsity,
+                                progress=progress)
         else:
             from edgellm.prune.sparsegpt import apply_sparsegpt
 
@@ -96,6 +109,51 @@ def prune_model(model, tok=None, *, method: str = "wanda", sparsity: float | Non
     info.update(sparsity=stats["sparsity"], sparsity_layers=per,
                 sparsity_min=min(per.values()), sparsity_max=max(per.values()))
     return PruneResult(info)
+
+
+def check_allocation(allocate: str = "uniform", *, method: str = "wanda",
+                     sparsity: float | None = 0.5, nm=None, structured: str | None = None,
+                     spread: float = 0.1, sensitivity_tokens: int = 2048) -> None:
+    """``allocate="sensitivity"`` needs Wanda, an unstructured ``sparsity`` and a spread the
+    rule accepts (raises :class:`edgellm.prune.masks.PruneError` otherwise)."""
+    from edgellm.allocation import AllocationError, spread_ratios
+    from edgellm.prune.masks import PruneError
+
+    if allocate not in ALLOCATE:
+        raise PruneError(f"allocate={allocate!r}; use one of {', '.join(ALLOCATE)}")
+    if allocate == "uniform":
+        return
+    if sparsity is None and nm is None and structured is None:
+        sparsity = 0.5  # prune_model's default
+    if method != "wanda" or sparsity is None or nm is not None or structured is not None:
+        raise PruneError("--allocate sensitivity spreads an unstructured --sparsity over the "
+                         "layers with Wanda: use --method wanda --sparsity S, without --nm or "
+                         "--structured")
+    try:
+        spread_ratios({0: 0.0, 1: 1.0}, sparsity, spread)
+    except AllocationError as e:
+        raise PruneError(f"--spread {spread}: {e}") from None
+    if sensitivity_tokens < 64:
+        raise PruneError(f"--sensitivity-tokens {sensitivity_tokens}: give at least 64")
+
+
+def _allocate(model, tok, ids, info: dict, *, calib: str, sparsity: float, spread: float,
+              sensitivity_tokens: int, progress: bool) -> dict[int, float]:
+    """The sensitivity scan and the per-layer sparsities; what it measured goes into ``info``."""
+    from edgellm.allocation import spread_ratios
+    from edgellm.data import get_tokens
+    from edgellm.prune.sensitivity import layer_sensitivity
+
+    t0 = time.perf_counter()
+    held = get_tokens(calib, tok, "validation", sensitivity_tokens)
+    sens = layer_sensitivity(model, ids, held, sparsity=sparsity, progress=progress)
+    layer_sparsity = spread_ratios(sens, sparsity, spread)
+    info.update(allocate="sensitivity", spread=spread,
+                sensitivity={str(i): v for i, v in sens.items()},
+                layer_sparsity_target={str(i): v for i, v in layer_sparsity.items()},
+                sensitivity_data=f"{calib} validation", sensitivity_tokens=len(held),
+                seconds_sensitivity=time.perf_counter() - t0)
+    return layer_sparsity
 
 
 def prune_record(model_name: str = DEFAULT_MODEL, *, sparsity: float | None = None,

@@ -47,22 +47,31 @@ def wanda_prune(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float = 0.5,
 
 @torch.no_grad()
 def apply_wanda(model, calib, sparsity: float | None = 0.5, nm: tuple[int, int] | None = None, *,
-                per: str = "row", batch_size: int = 8, progress: bool = True) -> dict:
+                per: str = "row", layer_sparsity: dict[int, float] | None = None,
+                batch_size: int = 8, progress: bool = True) -> dict:
     """Wanda-prune the decoder's linears in place; return :func:`~edgellm.prune.layers.sparsity_stats`.
 
     ``calib`` (n_samples, seq_len) token ids.  Layers are pruned in order and each layer's
     input norms come from the outputs of the already pruned layers before it (as the reference
     implementation does); the linears inside one decoder layer all see the dense layer's inputs.
+    ``layer_sparsity`` ``{decoder layer index: sparsity}`` overrides ``sparsity`` per layer
+    (unstructured only; :mod:`edgellm.prune.sensitivity`).
     """
     linears_all = prunable_linears(model)
     sparsity, nm = check_target(sparsity, nm, linears_all)
+    if layer_sparsity is not None:
+        if nm is not None:
+            raise PruneError("per-layer sparsity applies to unstructured pruning, not N:M")
+        for s in layer_sparsity.values():
+            check_target(s, None, linears_all)
 
     def prune_layer(index, layer, stream):
         linears = layer_linears(model, index)
         stats = collect_inputs(layer, linears, stream, xtx=False)
+        s = sparsity if layer_sparsity is None else layer_sparsity.get(index, sparsity)
         for name, lin in linears.items():
             x_norm = stats[name].sq.sqrt()  # (in,) ‖X_j‖₂ over all calibration tokens
-            apply_mask(lin, select_mask(wanda_scores(lin.weight, x_norm), sparsity, nm, per=per))
+            apply_mask(lin, select_mask(wanda_scores(lin.weight, x_norm), s, nm, per=per))
 
     sequential(model, calib, prune_layer, batch_size=batch_size, progress=progress, desc="Wanda")
     return sparsity_stats(model, linears_all)
