@@ -46,15 +46,14 @@ NOTEBOOK_RUN_KINDS = {
 }
 
 
-# Lessons whose sections do not yet each run after a kernel restart (issue: every section of a
-# lesson must).  Every other lesson of notebooks/ runs with a ``%reset -f`` before each ``## ``
-# section in the "all" run, so a section that leans on an earlier one fails its test.
-SECTIONS_NOT_YET_STANDALONE = {"03_weight_quantization", "06_pruning", "08_low_rank"}
+# Every lesson of notebooks/ runs with a ``%reset -f`` before each ``## `` section in the "all"
+# run, so a section that leans on an earlier one fails its test (each section must run after a
+# kernel restart).
 
 
 def resets_sections(path, kind: str) -> bool:
     return (kind == "all" and path.parent.parent.name != "fixtures"
-            and path.parent.name == "notebooks" and path.stem not in SECTIONS_NOT_YET_STANDALONE)
+            and path.parent.name == "notebooks")
 
 
 @pytest.fixture(scope="session")
