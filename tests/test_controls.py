@@ -153,3 +153,35 @@ def test_each_tensor_is_exact_only_in_its_own_source_format(default_model):
     assert lin["Q5_1"]["rel_rms_control"] < lin["Q5_0"]["rel_rms_control"]
     order = [em[t]["rel_rms"] for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")]
     assert order == sorted(order, reverse=True)
+
+
+def test_lesson_03_reads_the_recorded_control_sweep_as_recorded():
+    """The statements of lesson 03's 'Reading it' under the side-by-side, against the records."""
+    from edgellm.lessons import control as control_view
+    from edgellm.results import load_sweep
+
+    sweep = load_sweep("03_control")
+    if sweep.get("pending"):
+        pytest.skip("03_control not recorded")
+    assert sweep["records"][0]["ppl_base"] == pytest.approx(11.13, abs=0.005)
+    rows = control_view.control_rows(*control_view.load())
+    orders = {(o["pair"].replace(" ", ""), o["bits"], o["group"]): o
+              for o in control_view.control_orderings(rows)}
+
+    def status(pair, bits, group):
+        return orders[(pair.replace(" ", ""), bits, group)]
+
+    for pair, bits in (("Q5_1 vs Q5_0", 5), ("Q5_1 vs Q4_1", 5), ("Q5_0 vs Q4_1", 5)):
+        o = status(pair, bits, "g32")
+        assert (o["default"], o["control"], o["status"]) == (">", "<", "changes"), pair
+    o = status("rtn vs rotate", 4, "channel")
+    assert (o["default"], o["control"], o["status"]) == ("<", "<", "holds")
+    for bits in (4, 3):
+        for pair in ("gptq vs awq", "gptq vs imatrix", "rtn vs gptq"):
+            assert status(pair, bits, "g64")["status"] == "holds", (pair, bits)
+        o = status("awq vs imatrix", bits, "g64")
+        assert (o["default"], o["control"]) == (">", "≈")
+    o = status("gptq vs imatrix", 4, "channel")
+    assert (o["default"], o["control"]) == (">", "<")
+    assert status("awq vs imatrix", 4, "channel")["control"] == "<"
+    assert status("gptq vs awq", 4, "channel")["control"] == "≈"
