@@ -117,16 +117,20 @@ def token_logprobs(model, tokens: torch.Tensor, protocol: str = "gptq", ctx: int
         out["nll"].append(nll.double().flatten())
         out["target"].append(tgt.flatten())
         if reference is not None:
-            logp = logits.log_softmax(-1)
             ref_logits = forward_logits(reference, ids, keep)[:, :-1].float()
             # same formula as nll above, so identical models give identical nll and nll_ref
             nll_ref = (torch.logsumexp(ref_logits, -1)
                        - ref_logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1))
             out["nll_ref"].append(nll_ref.double().flatten())
-            logr = ref_logits.log_softmax(-1)
-            kl = (logr.exp() * (logr - logp)).sum(-1)  # (B, L-1-first)
-            out["kl"].append(kl.double().clamp_min(0).flatten())
-            out["top1"].append((logr.argmax(-1) == logp.argmax(-1)).double().flatten())
+            # one window at a time: the (T, V) temporaries of the KL, not (B, T, V) ones
+            # (at B = 4, T = 511 each full-vocabulary copy is 0.4 GB)
+            for b in range(ids.shape[0]):
+                logp = logits[b].log_softmax(-1)
+                logr = ref_logits[b].log_softmax(-1)
+                kl = (logr.exp() * (logr - logp)).sum(-1)  # (L-1-first,)
+                out["kl"].append(kl.double().clamp_min(0))
+                out["top1"].append((logr.argmax(-1) == logp.argmax(-1)).double())
+                del logp, logr, kl
         n_fed += ids.numel()
     res = {k: torch.cat(v) for k, v in out.items() if v}
     res.update(n_windows=len(wins), n_fed=n_fed, seconds=time.perf_counter() - t0)
