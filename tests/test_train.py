@@ -171,3 +171,10 @@ def test_prune_recovery_keeps_masks_and_same_numbers():
     for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert not any(p.requires_grad for p in m.parameters())  # frozen again afterwards
+
+
+def test_training_leaves_no_gradients_behind():
+    # the model is evaluated next: the last step's gradients (a model's worth of memory) go
+    m = _trainable(tiny_llama())
+    train(m, TOKENS, steps=2, batch_size=2, seq_len=16, lr=1e-3)
+    assert all(p.grad is None for p in m.parameters())

@@ -225,5 +225,6 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
     if checkpoint_dir is not None:
         save_checkpoint(checkpoint_dir, step=steps, model=model, optimizer=opt,
                         losses=result.losses)
+    opt.zero_grad(set_to_none=True)  # the last step's gradients are not needed any more
     result.seconds = time.perf_counter() - t0
     return result
