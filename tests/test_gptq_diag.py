@@ -37,3 +37,29 @@ def test_group_params_bad_value():
     W, H = _problem(out=2, n=64)
     with pytest.raises(QuantError, match="block_start"):
         gptq_quantize(W, H, 3, 32, group_params="final")
+
+
+def test_lesson_03_reads_the_recorded_diagnosis_as_recorded():
+    """Lesson 03's 'Reading the diagnosis', against results/03_gptq_diag.json."""
+    from edgellm.lessons.weight_quant import gptq_diag_summary
+    from edgellm.results import load_sweep
+
+    diag = load_sweep("03_gptq_diag")
+    if diag.get("pending") or "layer_level" not in diag:
+        pytest.skip("03_gptq_diag not recorded")
+    for gs in (None, 64):
+        rows = gptq_diag_summary(diag["layer_level"]["rows"], gs, False)
+        awq = [r["heldout_vs_rtn"] for r in rows if r["method"] == "awq"]
+        gptq = [r for r in rows if r["method"] == "gptq"]
+        # GPTQ beats AWQ on held-out layer error in every configuration
+        assert max(r["heldout_vs_rtn"] for r in gptq) < min(awq)
+        # ... though it over-fits 8 windows far more than AWQ does
+        over8 = [r["overfit"] for r in gptq if r["n_windows"] == 8]
+        assert min(over8) > 1.45 and max(r["overfit"] for r in rows if r["method"] == "awq") < 1.1
+    d = {r["command"].split("--group-size ")[1].split(" --calib")[0] + " n"
+         + r["command"].split("--n-samples ")[1].split()[0]: r["delta_nll"]
+         for r in diag["records"]}
+    assert round(d["0 n8"], 2) == 2.70 and round(d["0 --act-order n8"], 2) == 1.95
+    assert round(d["0 n128"], 2) == 2.27 and round(d["0 n32"], 2) == 2.72
+    assert round(d["0 --damp 0.1 n8"], 2) == 2.50 and round(d["0 --sym n8"], 2) == 3.26
+    assert round(d["64 n8"], 2) == 1.18 and round(d["64 --group-params block_start n8"], 2) == 0.97
