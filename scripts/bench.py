@@ -220,9 +220,9 @@ def lowrank_benchmark(model=None, tok=None, *, n_samples: int = 32, seq_len: int
 
     The floor: one plain forward pass over the calibration tokens (``logits_to_keep=1``) plus
     the SVDs alone (one thin SVD of every decoder weight, the shape SVD-LLM decomposes as
-    ``W L``).  SVD-LLM adds what whitening costs: X^T X per input, one Cholesky per distinct
-    input, the products ``W L``, the triangular solves, and the second pass that feeds each
-    layer the outputs of the already factorized ones.  The floor is measured before and after
+    ``W L``).  SVD-LLM adds what whitening costs: X^T X per input, the Gram eigendecompositions
+    that give the SVD of ``W L`` (a Cholesky and a triangular solve for the weights taller than
+    wide), and the second pass that feeds each layer the outputs of the already factorized ones.  The floor is measured before and after
     SVD-LLM (the machine may be shared); the ratio uses their mean.  Goal: ≤ 2×.
     """
     import copy
@@ -271,7 +271,7 @@ def lowrank_section(shared: bool = False) -> list[str]:
     return [
         "## Low-rank factorization (`scripts/bench.py --only lowrank`)",
         "",
-        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. SVD-LLM (Cholesky whitening) "
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. SVD-LLM (truncation-aware whitening) "
         f"at ratio {r['ratio']} on all {r['n_linears']} decoder linears; calibration "
         f"{r['n_samples']}×{r['seq_len']} tokens of the pydoc train split (seed 0). The floor "
         f"was measured before and after SVD-LLM ({runs} s); the ratio uses their mean.{note}",
@@ -281,7 +281,7 @@ def lowrank_section(shared: bool = False) -> list[str]:
         f"| one plain forward pass over the calibration tokens | {r['seconds_forward']:.0f} | | |",
         f"| the SVDs alone (one thin SVD per linear, float32) | {r['seconds_svds']:.0f} | | |",
         f"| floor: forward + SVDs | {floor:.0f} | 1.00 | |",
-        f"| SVD-LLM (inputs, XᵀX, Cholesky, SVD of W L, solves, propagate) | "
+        f"| SVD-LLM (inputs, XᵀX, Gram eigendecompositions, Cholesky for tall weights, solves, propagate) | "
         f"{r['seconds_svdllm']:.0f} | {r['svdllm_over_floor']:.2f} | ≤ 2 |",
         f"| peak RSS of this run | {r['peak_rss_bytes'] / 2**30:.2f} GiB | | ≤ 4 GB |",
     ]

@@ -217,3 +217,18 @@ def test_the_three_dense_ppls_lesson_06_explains_are_the_records_slices():
         want = {"03_w4g64": (8.64, 2044), "06_contextual": (9.70, 8176), "08_ratio": (9.70, 8176)}
         assert {(round(r["ppl_base"], 2), r["n_tokens"]) for r in recs} == {want[name]}, name
         assert {(r["protocol"], r["ctx"]) for r in recs} == {("gptq", 512)}
+
+
+def test_lesson_06_reads_the_sensitivity_allocation_as_recorded():
+    from edgellm.lessons.pruning import allocation_rows
+    from edgellm.results import load_records
+
+    alloc = load_records("06_sensitivity")
+    if not alloc:
+        pytest.skip("06_sensitivity not recorded")
+    rows = {r["sparsity"]: r for r in allocation_rows(alloc, load_records("06_sparsity"))}
+    assert rows[0.5]["verdict"] == rows[0.7]["verdict"] == "allocation better"
+    assert (round(rows[0.5]["ppl_uniform"], 2), round(rows[0.5]["ppl"], 2)) == (19.21, 17.82)
+    assert (round(rows[0.7]["ppl_uniform"], 1), round(rows[0.7]["ppl"], 1)) == (323.7, 140.9)
+    assert abs(rows[0.5]["sparsity_achieved"] - 0.5) < 0.001
+    assert rows[0.5]["most_sensitive"][-1] == 0
