@@ -35,6 +35,20 @@ def add_calib_args(p: argparse.ArgumentParser, *, n_samples: int = 128, seq_len:
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per calibration window")
 
 
+def add_allocation_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--allocate``, ``--spread``, ``--sensitivity-tokens``: the same ``what`` (``sparsity``
+    or ``ratio``) in every decoder layer, or spread by each layer's measured sensitivity at
+    the same total (:mod:`edgellm.allocation`)."""
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"],
+                   help=f"the same {what} in every layer, or spread by each layer's measured "
+                        "sensitivity at the same total")
+    p.add_argument("--spread", type=float, default=0.1,
+                   help=f"sensitivity allocation: layer values from {what}+spread (least "
+                        f"sensitive) to {what}-spread (most)")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048,
+                   help="held-out tokens (the calibration corpus's validation split) of the scan")
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The evaluation flags: corpus, split, protocol, context, how many tokens, batch, ``--json``."""
     p.add_argument("--data", default="pydoc", help="corpus name (pydoc, stdlib, wikitext2) or text file")

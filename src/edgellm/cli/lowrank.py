@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 
 from edgellm.cli.common import (
+    add_allocation_args,
     add_calib_args,
     add_eval_args,
     add_model_arg,
@@ -57,14 +58,7 @@ def add_parsers(sub) -> None:
                         help="fraction of the factorized linears' parameters removed, in (0, 1)")
     target.add_argument("--rank", type=int, help="one rank for every decoder linear")
     p.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent of mean |x|")
-    p.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"],
-                   help="the same ratio in every layer, or spread by each layer's sensitivity "
-                        "(with --ratio; the same total budget)")
-    p.add_argument("--spread", type=float, default=0.1,
-                   help="sensitivity allocation: layer ratios from ratio+spread (least "
-                        "sensitive) to ratio-spread (most)")
-    p.add_argument("--sensitivity-tokens", type=int, default=2048,
-                   help="held-out tokens (the calibration corpus's validation split) of the scan")
+    add_allocation_args(p, "ratio")  # with --ratio
     add_calib_args(p, n_samples=32)
     add_seed_arg(p)
     p.add_argument("--out", help="save the factorized model to this new (or empty) folder")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 
 from edgellm.cli.common import (
+    add_allocation_args,
     add_calib_args,
     add_eval_args,
     add_model_arg,
@@ -76,14 +77,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--baseline-calib", metavar="CORPUS",
                    help="also prune a copy calibrated on CORPUS; with --eval, the paired "
                         "delta_nll_vs_baseline (this mask minus that one)")
-    p.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"],
-                   help="Wanda: the same sparsity in every layer, or spread by each layer's "
-                        "measured sensitivity at the same total")
-    p.add_argument("--spread", type=float, default=0.1,
-                   help="sensitivity allocation: layer sparsities from sparsity+spread (least "
-                        "sensitive) to sparsity-spread (most)")
-    p.add_argument("--sensitivity-tokens", type=int, default=2048,
-                   help="validation tokens of the calibration corpus for the per-layer scan")
+    add_allocation_args(p, "sparsity")  # Wanda only
     p.add_argument("--out", help="save the pruned model (safetensors) to this folder")
     p.add_argument("--eval", action="store_true", help="perplexity and KL vs the unpruned model")
     add_eval_args(p)
