@@ -46,3 +46,19 @@ def default_weight(name: str):
 
     with safe_open(str(_default_model_file()), framework="pt") as f:
         return f.get_tensor(f"{name}.weight")
+
+
+def layer_stats(model, calib, layer: int = 0, *, xtx: bool = True, keep: int = 0):
+    """``(stream, linears, stats)`` of decoder ``layer`` of the unchanged ``model`` on ``calib``
+    (n_samples, seq_len) token ids: the stream positioned at the layer's input, the layer's
+    linears by name and their :class:`edgellm.calib.InputStats` (``keep`` sequences of raw
+    inputs kept).  What a lesson section needs to work on one real layer on its own."""
+    from edgellm.calib import LayerStream, collect_inputs, layer_linears
+    from edgellm.models import decoder_layers
+
+    stream = LayerStream(model, calib)
+    layers = decoder_layers(model)
+    for i in range(layer):
+        stream.advance(layers[i])
+    linears = layer_linears(model, layer)
+    return stream, linears, collect_inputs(layers[layer], linears, stream, xtx=xtx, keep=keep)

@@ -48,13 +48,10 @@ def lesson_setup():
 
 def layer0_inputs(model, calib, *, keep: bool = False):
     """``(lins, stats)``: layer 0's linears and their input statistics on ``calib``
-    (``keep=True`` also keeps the raw inputs, ``stats[name].X``)."""
-    from edgellm.calib import LayerStream, collect_inputs, layer_linears
+    (``keep=True`` also keeps the raw inputs, ``stats[name].X``, and ``H``)."""
+    from edgellm.lessons.common import layer_stats
 
-    stream = LayerStream(model, calib)
-    lins = layer_linears(model, 0)
-    stats = collect_inputs(stream.layers[0], lins, stream, xtx=keep,
-                           keep=calib.shape[0] if keep else 0)
+    _, lins, stats = layer_stats(model, calib, 0, xtx=keep, keep=calib.shape[0] if keep else 0)
     return lins, stats
 
 

@@ -139,21 +139,14 @@ def ordering(records: list[dict], bits: int, group_size, baseline: str = "rtn",
 
 def layer_inputs(model, tok, layer: int = 0, *, n_samples: int = 16, seq_len: int = 256,
                  seed: int = 0):
-    """``(stream, linears, stats)`` of one decoder layer of the unquantized ``model``: the
-    stream positioned at the layer's input on pydoc calibration text, the layer's linears by
-    name, and their :class:`edgellm.calib.InputStats` (``H``, ``mean_sq``, ``mean_abs``).
-    What a lesson section needs to work on one real layer on its own."""
-    from edgellm.calib import LayerStream, collect_inputs, layer_linears
+    """``(stream, linears, stats)`` of one decoder layer of the unquantized ``model`` on pydoc
+    calibration windows (:func:`edgellm.lessons.common.layer_stats`): ``stats`` hold ``H``,
+    ``mean_sq`` and ``mean_abs``."""
     from edgellm.data import get_calibration
-    from edgellm.models import decoder_layers
+    from edgellm.lessons.common import layer_stats
 
-    calib = get_calibration("pydoc", n_samples, seq_len, seed, tokenizer=tok)
-    stream = LayerStream(model, calib)
-    layers = decoder_layers(model)
-    for i in range(layer):
-        stream.advance(layers[i])
-    linears = layer_linears(model, layer)
-    return stream, linears, collect_inputs(layers[layer], linears, stream)
+    return layer_stats(model, get_calibration("pydoc", n_samples, seq_len, seed, tokenizer=tok),
+                       layer)
 
 
 def paired_delta_nll(model_a, model_b, tokens, protocol: str = "gptq", ctx: int = 512,
