@@ -1,5 +1,7 @@
-"""`make bench`: measure the foundation, weight quantization, low-rank factorization and knowledge
-distillation; record them in BENCHMARKS.md.
+"""`make bench`: measure the foundation, weight quantization, low-rank factorization, knowledge
+distillation and LoRA/QLoRA steps; record them in BENCHMARKS.md.
+
+Over 400 lines because each section keeps its measurement beside the table it writes.
 
 Also regenerates tests/fixtures/llamacpp_perplexity.json: llama.cpp's own llama-perplexity on an
 f32 GGUF converted from the cached default model, which a test compares with our `llamacpp`
@@ -347,7 +349,52 @@ def distill_section(shared: bool = False) -> list[str]:
     ]
 
 
-SECTIONS = ("foundation", "quant", "lowrank", "distill")
+def lora_benchmark(*, batch_size: int = 8, repeats: int = 5) -> dict:
+    """A LoRA step against a no-grad forward and a QLoRA step against a LoRA step, interleaved in
+    one run (lessons 09 and 10): :func:`edgellm.lora.steps.step_times` on the first training
+    batch of the funcname task (chat template, left-padded)."""
+    from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_batches
+    from edgellm.lora.steps import step_times
+    from edgellm.lora.task import load_task
+
+    model, tok = load_model(quiet=True)
+    task = load_task("funcname")
+    batch = answer_batches(tok, Prompting.from_style(TRAIN_STYLE), task.split("train"), steps=1,
+                           batch_size=batch_size, seq_len=128)[0]
+    r = step_times(model, batch, repeats=repeats)
+    return {**r, "threads": torch.get_num_threads(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def lora_section(shared: bool = False) -> list[str]:
+    """A LoRA step ≤ 3× a no-grad forward; a QLoRA step ≤ 1.5× a LoRA step (issue: lessons
+    09-10, Targets)."""
+    r = lora_benchmark()
+    note = " The machine was shared with other jobs while this ran." if shared else ""
+    B, T = r["step_time_batch"]
+    return [
+        "## LoRA and QLoRA steps (`scripts/bench.py --only lora`)",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. {r['threads']} torch "
+        f"thread(s). The default model; one left-padded chat-template batch of {B}×{T} tokens "
+        f"of the funcname task; logits only over the answer span in every row (the loss's "
+        f"need); rank {r['rank']} on `{r['targets']}` linears; each time the median of "
+        f"{r['step_time_repeats']} interleaved repeats (speed protocol `train`: forward, "
+        f"backward, AdamW).{note}",
+        "",
+        "| what | seconds | ratio | goal |",
+        "|---|---|---|---|",
+        f"| forward, no grad | {r['seconds_forward']:.3f} | 1.00 | |",
+        f"| LoRA step (fp32 base) | {r['seconds_lora_step']:.3f} | "
+        f"{r['lora_over_forward']:.2f} × forward | ≤ 3 |",
+        f"| QLoRA step (NF4 base, double quant) | {r['seconds_qlora_step']:.3f} | "
+        f"{r['qlora_over_lora']:.2f} × LoRA step | ≤ 1.5 |",
+        "",
+        f"Peak RSS of this benchmark process (three copies of the model): "
+        f"{r['peak_rss_bytes'] / 2**30:.2f} GiB.",
+    ]
+
+
+SECTIONS = ("foundation", "quant", "lowrank", "distill", "lora")
 
 
 def main() -> None:
@@ -362,6 +409,10 @@ def main() -> None:
     if "lowrank" in only:
         lines = lowrank_section(opts.shared)
         write_section(lines, "lowrank")
+        print("\n".join(lines))
+    if "lora" in only:
+        lines = lora_section(opts.shared)
+        write_section(lines, "lora")
         print("\n".join(lines))
     if "distill" in only:
         lines = distill_section(opts.shared)

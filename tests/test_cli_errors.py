@@ -74,7 +74,7 @@ BAD_INPUT: dict[str, list[list[str]]] = {
                  ["--task", "nonesuch"], ["--out", "{tmp}"], ["--dropout", "1.5"],
                  ["--method", "full", "--out", "{tmp}/new"]],
     "eval-task": [["--task", "{tmp}/junk.ipynb"], ["--adapter", "{tmp}"],
-                  ["--max-examples", "0"]],
+                  ["--max-examples", "0"], ["--task", "{tmp}/prose.jsonl", "--decoding", "grammar"]],
     "results": [["nonesuch"]],
 }
 
@@ -105,6 +105,8 @@ CASES = [(name, argv) for name, cases in BAD_INPUT.items() for argv in cases]
 def _bad_files(tmp_path: Path) -> None:
     (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe not text")
     (tmp_path / "junk.ipynb").write_text("not a notebook")
+    (tmp_path / "prose.jsonl").write_text('{"prompt": "Greet.", "answer": "Hello there!", '
+                                          '"split": "test"}\n')
 
 
 def _argv(name: str, argv: list[str], tmp_path: Path) -> list[str]:

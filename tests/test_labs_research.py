@@ -321,3 +321,70 @@ def test_lora_budget_task_on_the_real_model():
     assert all(v.baseline > v.target for v in [*good, baseline])   # untrained: above the target
     edited = grade(edits_a_frozen_weight)
     assert not edited.constraints_ok and "not the base model's" in edited.violations[0]
+
+
+# --------------------------------------------------------------------------------------------
+# lab 10: a merged 4-bit weight in ≤ 4.75 bits per weight, keeping the update
+
+
+def _int8_rows(t):
+    scale = t.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return (t / scale).round().to(torch.int8), scale.half()
+
+
+def _nf4_lowrank_store(rank, iters, blocksize=64, int8_factors=False):
+    """NF4 codes (packed) + fp16 block scales + a rank-``rank`` correction (fp16, or int8 with
+    fp16 row scales), fitted alternately ``iters`` times (LoftQ-style)."""
+    from edgellm.quant import pack
+
+    def store(target):
+        low = torch.zeros_like(target)
+        for _ in range(iters):
+            codes, absmax = formats.quantize_nf4(target - low, blocksize)
+            base = formats.dequantize_nf4(codes, absmax.half().float(), target.shape)
+            U, S, Vh = torch.linalg.svd(target - base, full_matrices=False)
+            low = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        t = {"codes": pack.pack_bits(codes, 4), "absmax": absmax.half()}
+        Uk, Vk = U[:, :rank] * S[:rank], Vh[:rank]
+        if int8_factors:
+            (t["U"], t["su"]), (t["V"], t["sv"]) = _int8_rows(Uk), _int8_rows(Vk)
+        else:
+            t["U"], t["V"] = Uk.half(), Vk.half()
+        shape, n = target.shape, target.numel()
+
+        def decode(d):
+            u = d["U"].float() * (d["su"].float() if "su" in d else 1)
+            v = d["V"].float() * (d["sv"].float() if "sv" in d else 1)
+            return formats.dequantize_nf4(pack.unpack_bits(d["codes"], 4, n),
+                                          d["absmax"].float(), shape) + u @ v
+        return t, decode
+    return store
+
+
+@pytest.mark.fast
+def test_merge_budget_task():
+    from edgellm.lessons.qlora import nf4_roundtrip
+
+    W = _weights(out=192, n=512)
+    W4 = nf4_roundtrip(W)
+    U, S, Vh = torch.linalg.svd(W - W4, full_matrices=False)
+    delta = (U[:, :4] * S[:4]) @ Vh[:4]
+    target = W4 + delta
+
+    def requant(t):                       # the baseline: plain NF4 re-quantization
+        store, _ = _nf4_lowrank_store(1, 1)(t)
+        shape, n = t.shape, t.numel()
+        keep = {k: store[k] for k in ("codes", "absmax")}
+        return keep, lambda d: formats.dequantize_nf4(
+            __import__("edgellm.quant.pack", fromlist=["x"]).unpack_bits(d["codes"], 4, n),
+            d["absmax"].float(), shape)
+
+    good = [lc.merge_budget_task(target, delta, _nf4_lowrank_store(4, 4)),
+            lc.merge_budget_task(target, delta, _nf4_lowrank_store(6, 6, int8_factors=True))]
+    baseline = lc.merge_budget_task(target, delta, requant)
+    fp16 = lc.merge_budget_task(target, delta, lambda t: ({"w": t.half()}, lambda d: d["w"].float()))
+    _assert_grades(good, baseline, fp16)
+    assert "bits per weight > budget" in fp16.violations[0]
+    closure = lc.merge_budget_task(target, delta, lambda t: ({"w": torch.ones(4)}, lambda d: target))
+    assert not closure.passed and "zeroed" in closure.violations[0]
+    assert lc.merge_budget_task(target, delta, _nf4_lowrank_store(4, 1)).value > good[0].value

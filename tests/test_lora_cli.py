@@ -114,3 +114,14 @@ def test_a_pissa_adapter_loads_on_the_original_base(tmp_path):
         want = m(input_ids=ids).logits
         got = load_adapter(tiny_llama(), out)(ids).logits
     assert (got - want).abs().max() <= 1e-4
+
+def test_step_times_compare_forward_lora_and_qlora_on_copies():
+    from edgellm.lora.steps import step_times
+
+    m = tiny_llama()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    r = step_times(m, BATCH, rank=2, repeats=1)
+    assert r["lora_over_forward"] == pytest.approx(r["seconds_lora_step"] / r["seconds_forward"])
+    assert r["qlora_over_lora"] == pytest.approx(r["seconds_qlora_step"] / r["seconds_lora_step"])
+    assert r["step_time_batch"] == [2, 5]
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # model untouched

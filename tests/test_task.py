@@ -128,3 +128,38 @@ def test_a_different_stdlib_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGELLM_FUNCNAME_UNPINNED", "1")
     assert len(T.load_funcname().items) == 1
     assert paths.cache_dir() == tmp_path
+
+
+@pytest.mark.fast
+def test_funccall_lists_the_answer_among_same_split_candidates():
+    from edgellm.lora.funccall import N_CANDIDATES, funccall_items
+
+    base = [Item(f"Description {i}.", name, split) for i, (name, split) in enumerate([
+        ("os.path.join", "train"), ("os.path.split", "train"), ("os.getcwd", "train"),
+        ("math.sin", "train"), ("json.dumps", "train"), ("re.sub", "train"), ("len", "train"),
+        ("os.path.basename", "test"), ("math.cos", "test"), ("json.loads", "test"),
+        ("re.match", "test"), ("str.split", "test"), ("zlib.crc32", "test")])]
+    items = funccall_items(base)
+    assert [it.answer for it in items] == [it.answer for it in base]   # same answers, splits
+    assert [it.split for it in items] == [it.split for it in base]
+    names = {s: {it.answer for it in base if it.split == s} for s in ("train", "test")}
+    for it in items:
+        listed = it.prompt.splitlines()[0].removeprefix("Functions: ").split(", ")
+        assert len(listed) == N_CANDIDATES == len(set(listed)) and it.answer in listed
+        assert set(listed) <= names[it.split]          # no name of the other split is listed
+        assert it.prompt.endswith(f"Which one: {base[items.index(it)].prompt}")
+    join = next(it for it in items if it.answer == "os.path.join")
+    listed = join.prompt.splitlines()[0].split(": ")[1].split(", ")
+    assert {"os.path.split", "os.getcwd"} <= set(listed)           # same module first
+    assert funccall_items(base) == items                           # seeded: the same every time
+
+
+@pytest.mark.skipif(platform.python_version() != T._registry()["sha256"]["python"],
+                    reason="the pinned funcname task is built by another Python")
+def test_funccall_is_pinned(funcname, monkeypatch):
+    from edgellm.lora.funccall import INSTRUCTION
+
+    monkeypatch.setattr(T, "load_funcname", lambda: funcname)
+    task = T.load_funccall()
+    assert task.sha256 == T._registry()["sha256"]["funccall"]
+    assert task.instruction == INSTRUCTION and len(task.split("test")) == 543

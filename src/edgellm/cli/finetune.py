@@ -8,10 +8,12 @@ a generation-based metric, and any model or adapter evaluated on it.
     edgellm eval-task --model smollm2-135m --adapter adapters/funcname-qlora --json
     edgellm eval-task --task my_task.jsonl --max-examples 100
 
-``--task`` is ``funcname`` (describe a standard-library function, answer its dotted name; see
-``edgellm.lora.task``) or a JSONL file of ``{"prompt", "answer", "split"}`` lines.  Training
+``--task`` is ``funccall`` (a description and six candidate standard-library functions, answer
+the dotted name of the right one; see ``edgellm.lora.funccall``), ``funcname`` (the description
+alone; ``edgellm.lora.task``) or a JSONL file of ``{"prompt", "answer", "split"}`` lines.  Training
 batches are chat-template examples with the loss on the answer tokens only.  With ``--eval`` the
-base model is scored with the best prompt found for it (few-shot, chat template: its
+base model is scored with the best prompt found for it (few-shot, chat template) and, where
+answers are dotted names, grammar-constrained decoding (``edgellm.lora.grammar``: its
 ``accuracy_base``, ``ppl_base``) and the tuned model with its training prompt (``accuracy``,
 ``ppl``): greedy generation, exact match with any alias (``accuracy`` is a fraction in [0, 1],
 ``accuracy_se`` its binomial standard error), ``format_valid`` the fraction of answers that
@@ -37,7 +39,8 @@ from edgellm.lora.apply import METHODS, TARGETS
 
 def _add_task_arg(p) -> None:
     p.add_argument("--task", default="funcname",
-                   help="funcname, or a JSONL file of {prompt, answer, split} lines")
+                   help="funccall (pick the function from a list), funcname (name it from the "
+                        "description alone), or a JSONL file of {prompt, answer, split} lines")
     p.add_argument("--max-examples", type=int, help="score N test items (a fixed sample: the first N in sha256(prompt) order)")
 
 
@@ -75,6 +78,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompt", choices=["plain", "zeroshot", "fewshot", "fewshot8"],
                    help="prompt style (default: the best one for a bare model, the training "
                         "prompt for an adapter)")
+    p.add_argument("--decoding", choices=["free", "grammar"],
+                   help="grammar: answers constrained to dotted names (default for a bare model "
+                        "on a dotted-name task); free: anything (default with --adapter)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts generated at once")
     add_json_arg(p)
     p.set_defaults(func=run_eval_task)
@@ -163,11 +169,16 @@ def run_finetune(args) -> dict:
 def run_eval_task(args) -> dict:
     from edgellm.lora.apply import eval_task, read_adapter_meta
     from edgellm.lora.layers import LoRAError
+    from edgellm.lora.task import TASKS, load_task
 
     check_model_name(args.model)
     _check_task(args)
     if args.eval_batch_size < 1:
         raise LoRAError(f"--eval-batch-size {args.eval_batch_size}: give a positive number")
+    if args.decoding == "grammar" and args.task not in TASKS:
+        if not load_task(args.task).dotted_names:
+            raise LoRAError(f"--decoding grammar needs answers that are dotted names; {args.task} "
+                            "has other answers: use --decoding free")
     if args.adapter:
         meta = read_adapter_meta(args.adapter)
         base = (meta.get("base") or {}).get("base_model")
@@ -176,4 +187,4 @@ def run_eval_task(args) -> dict:
                             f"{args.model!r}; pass --model {base}")
     return eval_task(args.model, adapter=args.adapter, task=args.task, style=args.prompt,
                      max_examples=args.max_examples, batch_size=args.eval_batch_size,
-                     progress=not args.json)
+                     progress=not args.json, decoding=args.decoding)

@@ -29,6 +29,9 @@ lab    task                                                   grader
 09     an adapter (or any trainable subset) of ≤ 300k          :func:`lora_budget_task`
        parameters whose held-out answer loss after 5 AdamW
        steps the grader runs is ≤ 3.5 nats
+10     an adapter merged into a 4-bit base, stored in          :func:`merge_budget_task`
+       ≤ 4.75 bits/weight, keeping ≥ 75 % of the update
+       (error ≤ 0.25 ‖update‖); re-quantizing loses it all
 =====  =====================================================  =========================================
 
 The tests in ``tests/test_labs_research.py`` run every grader on two different valid answers (both
@@ -478,3 +481,59 @@ def lora_budget_task(model, tokenizer, task, setup: Callable, *, steps: int = 5,
     return Verdict(name, loss if math.isfinite(loss) else math.inf, target, base, violations,
                    {"trainable_params": n_trainable, "lr": float(lr),
                     "train_loss_last": res.losses[-1], "steps": steps})
+
+
+# --------------------------------------------------------------------------------------------
+# lab 10: an adapter merged into a 4-bit base, under a bit budget
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def merge_budget_task(target_w: torch.Tensor, delta: torch.Tensor, store: Callable, *,
+                      max_bpw: float = 4.75, max_rel_err: float = 0.25) -> Verdict:
+    """Lab 10: ``store(target_w) -> (tensors, decode)`` stores the merged weight ``target_w`` (a
+    4-bit base's weight plus an adapter's update ``delta``) as a dict of tensors in at most
+    ``max_bpw`` bits per weight (the bytes of every tensor in the dict, whatever its dtype), and
+    ``decode(tensors)`` rebuilds it.  ``value`` is ‖decode(tensors) − target_w‖ / ‖delta‖: the
+    part of the update the storage loses (pass at ≤ ``max_rel_err``); the baseline is NF4
+    re-quantization (bitsandbytes, blocks of 64, double quantization).  ``decode`` must read the
+    weight from ``tensors``: with every tensor zeroed it must not still give the answer."""
+    from edgellm.lessons.qlora import nf4_roundtrip
+
+    if target_w.dim() != 2 or target_w.shape != delta.shape:
+        raise LabTaskError(f"target_w {tuple(target_w.shape)} and delta {tuple(delta.shape)} must "
+                           "be the same 2-D shape")
+    d = delta.double().norm().item()
+    if not d > 0:
+        raise LabTaskError("delta is zero: there is no update to keep")
+    base = (nf4_roundtrip(target_w).double() - target_w.double()).norm().item() / d
+    name = "lost part of the update ‖Ŵ − W‖/‖ΔW‖"
+    try:
+        tensors, decode = store(target_w.clone())
+        w_hat = decode(tensors)
+    except Exception as e:
+        return Verdict(name, math.inf, max_rel_err, base,
+                       [f"store / decode raised {type(e).__name__}: {e}"])
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        return Verdict(name, math.inf, max_rel_err, base,
+                       ["store must return (dict of tensors, decode)"])
+    if not isinstance(w_hat, torch.Tensor) or w_hat.shape != target_w.shape:
+        return Verdict(name, math.inf, max_rel_err, base,
+                       [f"decode must return a {tuple(target_w.shape)} tensor"])
+    bpw = 8 * _tensor_bytes(tensors) / target_w.numel()
+    violations = []
+    if bpw > max_bpw:
+        violations.append(f"{bpw:.3f} bits per weight > budget {max_bpw}")
+    err = (w_hat.double() - target_w.double()).norm().item() / d
+    try:
+        blank = decode({k: torch.zeros_like(t) for k, t in tensors.items()})
+        if (blank.double() - target_w.double()).norm().item() / d <= max_rel_err:
+            violations.append("decode gives the weight with every stored tensor zeroed: it must "
+                              "read the weight from the tensors it is given")
+    except Exception:   # a decode that fails on zeros (a division by a zero scale) reads them
+        pass
+    return Verdict(name, err if math.isfinite(err) else math.inf, max_rel_err, base, violations,
+                   {"bpw": bpw})
+

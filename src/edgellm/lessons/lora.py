@@ -98,13 +98,37 @@ def pilot_rows(records: list[dict]) -> list[dict]:
                      "format_valid": r0["format_valid_base"], "ppl": r0["ppl_base"],
                      "trainable_params": 0, "adapter_bytes": 0, "record": None})
     for r in records:
-        name = f"{r['method']} r={r['rank']} {r['targets']}, {r['steps']} steps"
+        name = (f"full fine-tune, {r['steps']} steps" if r["method"] == "full" else
+                f"{r['method']} r={r['rank']} {r['targets']}, {r['steps']} steps")
         rows.append({"run": name + (" (shuffled labels)" if r.get("shuffle_labels") else ""),
                      "accuracy": r["accuracy"], "se": r["accuracy_se"],
                      "format_valid": r["format_valid"], "ppl": r["ppl"],
                      "trainable_params": r["trainable_params"],
                      "adapter_bytes": r["adapter_bytes"], "record": r})
     return rows
+
+
+def run_kind(rec: dict | None) -> str:
+    """``base``, ``shuffled``, ``full`` or the method (``lora``, ``qlora`` …) of a record's row."""
+    if rec is None:
+        return "base"
+    if rec.get("shuffle_labels"):
+        return "shuffled"
+    return rec["method"]
+
+
+def compare(rows: list[dict], pairs) -> list[str]:
+    """One line per ``(a, b)`` pair of run kinds present in ``rows``: the accuracy difference,
+    its bound :func:`se_bound` and the 2-standard-error :func:`reading`."""
+    kind = {run_kind(r["record"]): r for r in rows}
+    out = []
+    for a, b in pairs:
+        if a in kind and b in kind:
+            diff = kind[a]["accuracy"] - kind[b]["accuracy"]
+            se = se_bound(kind[a]["se"], kind[b]["se"])
+            out.append(f"{a} − {b}: accuracy {diff:+.1%} ± {se:.1%} -> {reading(diff, se)}; "
+                       f"format valid {kind[a]['format_valid']:.0%} vs {kind[b]['format_valid']:.0%}")
+    return out
 
 
 def format_pilot(rows: list[dict]) -> str:
@@ -122,7 +146,7 @@ def side_by_side(columns: dict[str, list[str]], prompts: list[str], answers: lis
     """Prompts, the right answers and each model's output, one block per prompt."""
     out = []
     for i, (q, a) in enumerate(zip(prompts, answers, strict=True)):
-        out.append(f"{q[:100]!r}\n  {'answer':<{width}} {a}")
+        out.append(f"{q.splitlines()[-1][:100]!r}\n  {'answer':<{width}} {a}")
         for name, outs in columns.items():
             text = " ".join(outs[i].split()) if i < len(outs) else "-"
             out.append(f"  {name:<{width}} {text[:70]}")

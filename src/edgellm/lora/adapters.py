@@ -104,3 +104,18 @@ def adapter_param_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values())
 
 
+def keep_initial_adapter(model) -> Path:
+    """Save a PiSSA / LoftQ model's initial adapter (A₀, B₀) to a temporary folder, which
+    :func:`save_adapter` needs to express the trained adapter on the original weights."""
+    import atexit
+    import shutil
+    import tempfile
+
+    init_dir = Path(tempfile.mkdtemp(prefix="edgellm-lora-init-"))
+    atexit.register(shutil.rmtree, init_dir, ignore_errors=True)
+    cfg = model.peft_config["default"]
+    init, cfg.init_lora_weights = cfg.init_lora_weights, True  # reload as-is, no re-init
+    model.save_pretrained(str(init_dir))
+    cfg.init_lora_weights = init
+    model.edgellm_init_dir = str(init_dir)
+    return init_dir

@@ -35,6 +35,7 @@ from edgellm.lora.adapters import (  # noqa: F401  (re-exported)
     adapter_state_dict,
     base_fingerprint,
     check_adapter_base,
+    keep_initial_adapter,
     read_adapter_meta,
     save_adapter,
 )
@@ -236,23 +237,6 @@ def load_adapter(model, folder):
 # the library entry point
 
 
-def keep_initial_adapter(model) -> Path:
-    """Save a PiSSA / LoftQ model's initial adapter (A₀, B₀) to a temporary folder, which
-    :func:`save_adapter` needs to express the trained adapter on the original weights."""
-    import atexit
-    import shutil
-    import tempfile
-
-    init_dir = Path(tempfile.mkdtemp(prefix="edgellm-lora-init-"))
-    atexit.register(shutil.rmtree, init_dir, ignore_errors=True)
-    cfg = model.peft_config["default"]
-    init, cfg.init_lora_weights = cfg.init_lora_weights, True  # reload as-is, no re-init
-    model.save_pretrained(str(init_dir))
-    cfg.init_lora_weights = init
-    model.edgellm_init_dir = str(init_dir)
-    return init_dir
-
-
 def prepare(model, *, method: str, rank: int, alpha, targets: str, dropout: float,
             rslora: bool, seed: int, grad_checkpointing: bool):
     """Make ``model`` trainable the ``method`` way; returns ``(model, adapter_config)``."""
@@ -344,7 +328,7 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
     if evaluate:
         ev = evaluate_task(model, tok, the_task, style=TRAIN_STYLE, max_examples=max_examples,
                            progress=progress)
-        rec.update({k: ev[k] for k in ("accuracy", "accuracy_se", "format_valid", "n_test",
+        rec.update({k: ev[k] for k in ("accuracy", "accuracy_se", "format_valid", "n_test", "decoding",
                                        "ppl", "examples", "eval_seconds")})
     if out is not None and method != "full":
         save_adapter(model, out, config=cfg,
@@ -364,12 +348,14 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
 
 def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcname",
               style: str | None = None, max_examples: int | None = None,
-              batch_size: int = 32, progress: bool = False) -> dict:
+              batch_size: int = 32, progress: bool = False, decoding: str | None = None) -> dict:
     """The record of ``edgellm eval-task``: a model (and optionally an adapter) on a task.
 
     ``style`` defaults to the best base prompt for a bare model and to the adapter's training
-    prompt for an adapter."""
+    prompt for an adapter; ``decoding`` to the grammar for a bare model on a dotted-name task
+    (:func:`edgellm.lora.evaluate.base_decoding`) and to free decoding for an adapter."""
     from edgellm.lora.chat import BEST_BASE_STYLE
+    from edgellm.lora.evaluate import base_decoding
     from edgellm.lora.task import load_task
     from edgellm.measure import peak_rss_bytes
     from edgellm.models import DEFAULT_MODEL, load_model
@@ -386,10 +372,16 @@ def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcn
         model = load_adapter(model, adapter)
         style = style or meta.get("train_prompt_style", BEST_BASE_STYLE)
     style = style or BEST_BASE_STYLE
+    if decoding is None:
+        decoding = "free" if adapter is not None else base_decoding(the_task)
+    if decoding == "grammar" and not the_task.dotted_names:
+        raise LoRAError(f"--decoding grammar needs a task whose answers are dotted names; "
+                        f"{task!r} has other answers: use --decoding free")
     ev = evaluate_task(model, tok, the_task, style=style, max_examples=max_examples,
-                       batch_size=batch_size, progress=progress)
-    if adapter is None and style == BEST_BASE_STYLE:  # finetune --eval reuses it as the baseline
-        store_base(base_cache_key(model_name, the_task, style, max_examples), ev)
+                       batch_size=batch_size, progress=progress, decoding=decoding)
+    if adapter is None and style == BEST_BASE_STYLE and decoding == base_decoding(the_task):
+        # finetune --eval reuses it as the baseline
+        store_base(base_cache_key(model_name, the_task, style, max_examples, decoding), ev)
     rec = {"model": model_name, "adapter": None if adapter is None else str(adapter),
            "task": task, "task_sha256": the_task.sha256, **ev,
            "peak_rss_bytes": peak_rss_bytes(), "seconds": time.perf_counter() - t0}

@@ -44,7 +44,9 @@ class Prompting:
     shots: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_style(cls, style: str, train_items=()) -> Prompting:
+    def from_style(cls, style: str, train_items=(), *, instruction: str | None = None) -> Prompting:
+        """The prompting of ``style``; ``instruction`` replaces :data:`SYSTEM` (the funcname
+        instruction) as the system prompt of the instructed styles."""
         from edgellm.lora.task import TaskError
 
         if style not in STYLES:
@@ -61,7 +63,8 @@ class Prompting:
             shots = picked
         else:
             shots = random.Random(0).sample(pool, min(s["shots"], len(pool))) if s["shots"] else []
-        return cls(s["system"], tuple((it.prompt, it.answer) for it in shots))
+        system = s["system"] if s["system"] is None or instruction is None else instruction
+        return cls(system, tuple((it.prompt, it.answer) for it in shots))
 
     def messages(self, prompt: str) -> list[dict]:
         msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
@@ -181,10 +184,21 @@ def answer_nll(model, tokenizer, prompting: Prompting, items, *, batch_size: int
 
 @torch.inference_mode()
 def generate_batched(model, tokenizer, prompting: Prompting, prompts: list[str], *,
-                     max_new_tokens: int = 16, batch_size: int = 32, progress: bool = False
-                     ) -> list[str]:
+                     max_new_tokens: int = 16, batch_size: int = 32, progress: bool = False,
+                     decoding: str = "free") -> list[str]:
     """Greedy answers to ``prompts`` (decoded, special tokens dropped), generated ``batch_size``
-    at a time from left-padded rows, prompts sorted by length to pad little."""
+    at a time from left-padded rows, prompts sorted by length to pad little.
+
+    ``decoding="grammar"`` constrains every answer to a dotted Python name
+    (:class:`edgellm.lora.grammar.DottedNameProcessor`); ``"free"`` lets the model write
+    anything."""
+    from edgellm.lora.grammar import DECODINGS, DottedNameProcessor, vocab_masks
+
+    if decoding not in DECODINGS:
+        from edgellm.lora.task import TaskError
+
+        raise TaskError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
+    masks = vocab_masks(tokenizer) if decoding == "grammar" else None
     rows = [prompt_ids(tokenizer, prompting, p) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[str] = [""] * len(rows)
@@ -197,9 +211,16 @@ def generate_batched(model, tokenizer, prompting: Prompting, prompts: list[str],
     for s in starts:
         idx = order[s:s + batch_size]
         batch = left_pad([rows[i] for i in idx], pad)
+        extra = {}
+        if masks is not None:
+            from transformers import LogitsProcessorList
+
+            width = batch["input_ids"].shape[1]
+            extra["logits_processor"] = LogitsProcessorList(
+                [DottedNameProcessor(tokenizer, width, masks=masks)])
         gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, **extra)
         new = gen[:, batch["input_ids"].shape[1]:]                 # (b, new tokens)
         for i, row in zip(idx, new, strict=True):
             out[i] = tokenizer.decode(row, skip_special_tokens=True)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 
-TASKS = ("funcname",)
+TASKS = ("funccall", "funcname")
 SPLITS = ("train", "test")
 TEST_BYTE = 52  # an item is in test when sha256(prompt)[0] < 52: ~20 % of the items
 
@@ -88,13 +88,15 @@ class Item:
 
 @dataclass
 class Task:
-    """A task: its ``name`` (what ``--task`` accepts), items, the sha256 of its file, and
-    whether answers are dotted names (then ``format_valid`` checks that form)."""
+    """A task: its ``name`` (what ``--task`` accepts), items, the sha256 of its file, whether
+    answers are dotted names (then ``format_valid`` checks that form), and the instruction the
+    instructed prompt styles use as system prompt."""
 
     name: str
     items: list[Item]
     sha256: str
     dotted_names: bool = True
+    instruction: str | None = None   # the system prompt of the instructed styles (None: funcname's)
 
     def split(self, split: str) -> list[Item]:
         return [it for it in self.items if it.split == split]
@@ -289,8 +291,27 @@ def load_funcname(*, verify: bool | None = None) -> Task:
     return Task("funcname", parse_jsonl(text, str(path)), sha)
 
 
+def load_funccall() -> Task:
+    """The ``funccall`` task (:mod:`edgellm.lora.funccall`), built from the pinned ``funcname``;
+    its own sha256 is checked too."""
+    from edgellm.lora.funccall import INSTRUCTION, funccall_items
+
+    items = funccall_items(load_funcname().items)
+    text = items_jsonl([{"prompt": it.prompt, "answer": it.answer, "aliases": it.aliases,
+                         "split": it.split} for it in items])
+    sha = sha256_text(text)
+    pinned = _registry()["sha256"].get("funccall")
+    if pinned and sha != pinned and not os.environ.get("EDGELLM_FUNCNAME_UNPINNED"):
+        raise TaskError(f"the funccall task built here has sha256 {sha[:12]}…, not the pinned "
+                        f"{pinned[:12]}… (edgellm.lora.funccall changed?); set "
+                        "EDGELLM_FUNCNAME_UNPINNED=1 to use it anyway")
+    return Task("funccall", items, sha, instruction=INSTRUCTION)
+
+
 def load_task(task: str) -> Task:
-    """A task by name (``funcname``) or the path of a JSONL task file."""
+    """A task by name (``funccall``, ``funcname``) or the path of a JSONL task file."""
+    if task == "funccall":
+        return load_funccall()
     if task in TASKS:
         return load_funcname()
     path = Path(task).expanduser()

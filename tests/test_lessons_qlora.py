@@ -1,0 +1,62 @@
+"""Lesson 10's helpers: the 4-bit base priced by formula, the NF4 LoRA forward by hand, and the
+two merges into a 4-bit base."""
+
+import pytest
+import torch
+
+from edgellm import tiny_llama
+from edgellm.lessons import qlora as Q
+from edgellm.models import linear_layers
+from edgellm.quant.size import nf4_bytes
+
+pytestmark = pytest.mark.fast
+
+
+def test_base_memory_counts_linears_in_nf4_and_the_rest_once():
+    m = tiny_llama()
+    r = Q.base_memory(m)
+    assert r["fp32"] == sum(p.numel() * 4 for p in m.parameters())      # tied embedding once
+    lin = [x.weight.numel() for x in linear_layers(m).values()]
+    assert r["linears_nf4"] == sum(nf4_bytes(n) for n in lin)
+    assert r["nf4"] == r["linears_nf4"] + r["rest"] and r["ratio"] == r["fp32"] / r["nf4"]
+
+
+def test_a_7b_shape_keeps_a_seventh_in_full_precision():
+    r = Q.base_memory_of_shape(vocab=32_000, hidden=4_096, layers=32, intermediate=11_008,
+                               tied=False)
+    assert r["linears_fp32"] / 4 == pytest.approx(6.48e9, rel=0.01)     # Llama-2-7B's linears
+    assert 3.4 < r["ratio"] < 3.6 and 0.12 < r["rest_share_nf4"] < 0.15
+
+
+def test_nf4_lora_forward_by_hand_matches_peft_on_linear4bit():
+    import collections
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import quantize_4bit
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 128)
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    lin = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state,
+                                   quant_type="nf4", bnb_quantized=True)
+    net = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]),
+                                  torch.nn.Sequential(collections.OrderedDict(lin=lin)))
+    with torch.no_grad():
+        net.lin.lora_B["default"].weight.normal_()
+    A, B = net.lin.lora_A["default"].weight, net.lin.lora_B["default"].weight
+    ours = Q.nf4_lora_forward(x, packed, state, A, B, 2.0)
+    assert torch.allclose(ours, net(x), atol=1e-5)
+    assert not torch.allclose(ours, Q.nf4_lora_forward(x, packed, state, A, B, 2.02), atol=1e-5)
+
+
+def test_merges_exact_in_fp32_and_rounded_in_nf4():
+    torch.manual_seed(0)
+    w = Q.nf4_roundtrip(torch.randn(64, 128))
+    delta = 1e-4 * torch.randn(64, 128)
+    r = Q.merged_weights(w, delta)
+    assert torch.equal(r["fp32"], w + delta)
+    assert r["requant_rel_err"] > 0.5                       # a tiny update is mostly rounded away
+    big = Q.merged_weights(w, 0.5 * torch.randn(64, 128))
+    assert big["requant_rel_err"] < r["requant_rel_err"]    # a large one mostly survives
