@@ -60,3 +60,22 @@ def test_merges_exact_in_fp32_and_rounded_in_nf4():
     assert r["requant_rel_err"] > 0.5                       # a tiny update is mostly rounded away
     big = Q.merged_weights(w, 0.5 * torch.randn(64, 128))
     assert big["requant_rel_err"] < r["requant_rel_err"]    # a large one mostly survives
+
+
+@pytest.mark.integration
+def test_lesson_10_states_the_savings_it_computes():
+    """The summary's 3.5× (7B shape, fp16 base) and 2.4× (this model, fp16 base, half of the NF4
+    base in full precision) are what base_memory computes from the default model."""
+    import edgellm
+    from edgellm.paths import root
+
+    model, _ = edgellm.load_model(quiet=True)
+    ours = Q.base_memory(model)
+    here = (ours["fp32"] / 2) / (ours["linears_nf4"] + ours["rest"] / 2)
+    share = (ours["rest"] / 2) / (ours["linears_nf4"] + ours["rest"] / 2)
+    big = Q.base_memory_of_shape(vocab=32_000, hidden=4_096, layers=32, intermediate=11_008,
+                                 tied=False)
+    text = (root() / "notebooks" / "10_qlora.ipynb").read_text()
+    assert f"{here:.1f}×" == "2.4×" and "2.4× for" in text and "saves only 2.4×" in text
+    assert 0.45 < share < 0.55 and "half of its NF4 base" in text
+    assert f"{big['ratio']:.1f}×" == "3.5×" and "3.5× at a 7 B shape" in text

@@ -17,8 +17,9 @@ Why this task and not ``funcname`` itself: naming the function from its descript
 the name to be in the model's weights.  SmolLM2-135M rarely has it (1.5 % exact match with the
 best prompt), and LoRA on 2,300 examples cannot add the names of 543 unseen functions
 (``results/09_funcname.json``).  With the tools listed, the task is the skill LoRA *can* teach:
-read the description, match it to a name.  The best-prompted base model scores about a quarter
-of the items here, so there is room both ways.  ``edgellm.lora.task.load_task("funccall")`` loads it.
+read the description, match it to a name.  The best-prompted base model (few-shot, grammar-
+constrained) picks the right one of six on 20 % of the test items, and LoRA rank 8 after 60 steps
+on 45 % (``results/09_task.json``).  ``edgellm.lora.task.load_task("funccall")`` loads it.
 """
 
 from __future__ import annotations
