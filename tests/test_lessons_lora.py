@@ -59,3 +59,32 @@ def test_side_by_side_lists_every_model_under_each_prompt():
     text = L.side_by_side({"base": ["x", "y"], "LoRA": ["os.path.join", "len"]},
                           ["Join paths.", "Length."], ["os.path.join", "len"], width=6)
     assert text.count("answer") == 2 and "LoRA   os.path.join" in text
+
+
+def test_lesson_09_states_what_its_records_say():
+    """The reading of section 7 (accuracies, differences, verdicts) is what the records give."""
+    import json
+
+    from edgellm.paths import root
+    from edgellm.results import load_sweep
+
+    recs = load_sweep("09_task")["records"]
+    if not recs:
+        pytest.skip("09_task not recorded")
+    cells = json.loads((root() / "notebooks" / "09_lora.ipynb").read_text())["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells)
+    lora, shuffled, full = recs
+    rows = L.pilot_rows(recs)
+    lines = L.compare(rows, (("lora", "base"), ("full", "lora")))
+    assert "-> higher" in lines[0] and "-> not resolved" in lines[1]
+    def pm(p, se):
+        return f"{100 * p:.1f} % ± {100 * se:.1f}"
+
+    assert pm(lora["accuracy"], lora["accuracy_se"]) in text
+    assert pm(lora["accuracy_base"], lora["accuracy_base_se"]) in text
+    assert shuffled["accuracy"] == 0 and shuffled["format_valid"] == 1 and "answers **0 %**" in text
+    assert pm(full["accuracy"], full["accuracy_se"]) in text
+    d = lora["accuracy"] - lora["accuracy_base"]
+    assert f"+{100 * d:.1f} ± {100 * L.se_bound(lora['accuracy_se'], lora['accuracy_base_se']):.1f} points" in text
+    fn = load_sweep("09_funcname")["records"][0]
+    assert f"from {fn['accuracy_base']:.1%} to {fn['accuracy']:.1%}".replace("%", " %") in text
