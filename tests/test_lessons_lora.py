@@ -1,5 +1,5 @@
 """Lesson 09's helpers: adapter sizes counted from shapes equal what apply_lora builds, the
-training-memory formula, the pilot's rows and the 2-standard-error reading."""
+training-memory formula, the rows of the recorded runs and the 2-standard-error reading."""
 
 import pytest
 
@@ -42,17 +42,17 @@ def test_reading_needs_two_standard_errors():
     assert L.reading(0.09, se) == "not resolved"
 
 
-def test_pilot_rows_put_the_base_first_and_mark_the_control():
+def test_run_rows_put_the_base_first_and_mark_the_control():
     rec = {"method": "lora", "rank": 8, "targets": "all", "steps": 60, "accuracy": 0.3,
            "accuracy_se": 0.04, "format_valid": 1.0, "ppl": 3.0, "trainable_params": 10,
            "adapter_bytes": 40, "accuracy_base": 0.1, "accuracy_base_se": 0.03,
            "format_valid_base": 0.8, "ppl_base": 30.0, "base_prompt_style": "fewshot"}
-    rows = L.pilot_rows([rec, {**rec, "shuffle_labels": True, "accuracy": 0.05}])
+    rows = L.run_rows([rec, {**rec, "shuffle_labels": True, "accuracy": 0.05}])
     assert [r["run"] for r in rows] == ["base, fewshot prompt", "lora r=8 all, 60 steps",
                                         "lora r=8 all, 60 steps (shuffled labels)"]
     assert rows[0]["accuracy"] == 0.1 and rows[0]["record"] is None
-    assert "30.0%" in L.format_pilot(rows)
-    assert L.pilot_rows([]) == []
+    assert "30.0%" in L.format_runs(rows)
+    assert L.run_rows([]) == []
 
 
 def test_side_by_side_lists_every_model_under_each_prompt():
@@ -74,7 +74,7 @@ def test_lesson_09_states_what_its_records_say():
     cells = json.loads((root() / "notebooks" / "09_lora.ipynb").read_text())["cells"]
     text = "\n".join("".join(c["source"]) for c in cells)
     lora, shuffled, full = recs
-    rows = L.pilot_rows(recs)
+    rows = L.run_rows(recs)
     lines = L.compare(rows, (("lora", "base"), ("full", "lora")))
     assert "-> higher" in lines[0] and "-> not resolved" in lines[1]
     def pm(p, se):

@@ -79,3 +79,24 @@ def test_lesson_10_states_the_savings_it_computes():
     assert f"{here:.1f}×" == "2.4×" and "2.4× for" in text and "saves only 2.4×" in text
     assert 0.45 < share < 0.55 and "half of its NF4 base" in text
     assert f"{big['ratio']:.1f}×" == "3.5×" and "3.5× at a 7 B shape" in text
+
+
+def test_lesson_10_reads_its_record_right():
+    import json
+
+    from edgellm.lessons import lora as L
+    from edgellm.paths import root
+    from edgellm.results import load_sweep
+
+    q, lo = load_sweep("10_qlora")["records"], load_sweep("09_task")["records"]
+    if not q or not lo:
+        pytest.skip("not recorded")
+    cells = json.loads((root() / "notebooks" / "10_qlora.ipynb").read_text())["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells)
+    d = q[0]["accuracy"] - lo[0]["accuracy"]
+    se = L.se_bound(q[0]["accuracy_se"], lo[0]["accuracy_se"])
+    assert L.reading(d, se) == "not resolved" and d - 2 * se < -0.03     # wider than ±3 points
+    assert f"−{abs(100 * d):.1f} ± {100 * se:.1f} points, not resolved" in text
+    assert f"about {100 * (d - 2 * se):.1f} to +{100 * (d + 2 * se):.1f} points".replace("-", "−") in text
+    for r in (q[0], lo[0]):
+        assert f"{100 * r['accuracy']:.1f} % ± {100 * r['accuracy_se']:.1f}" in text

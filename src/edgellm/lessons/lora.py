@@ -1,5 +1,5 @@
 """Lesson 09 (LoRA): adapter sizes from a model's shapes, the training-memory formula, the recorded
-pilot read with standard errors, generations side by side, and the size widget.
+recorded runs read with standard errors, generations side by side, and the size widget.
 
 Sizes are counted from the shapes of the targeted linears, without building an adapter: a rank-r
 adapter on a linear ``W`` (out, in) holds ``A`` (r, in) and ``B`` (out, r), i.e. ``r·(out + in)``
@@ -67,7 +67,7 @@ def training_memory(n_base: int, n_trainable: int, *, weight_bytes: int = 4,
 
 
 # --------------------------------------------------------------------------------------------
-# the recorded pilot
+# the recorded runs
 
 
 def se_bound(se1: float, se2: float) -> float:
@@ -86,7 +86,7 @@ def reading(diff: float, se: float, *, k: float = 2.0) -> str:
     return "not resolved"
 
 
-def pilot_rows(records: list[dict]) -> list[dict]:
+def run_rows(records: list[dict]) -> list[dict]:
     """The base model (best prompt), each LoRA run and the shuffled-label control, one row each:
     ``run``, ``accuracy``, ``se``, ``format_valid``, ``ppl`` (held-out answers, plain prompt),
     ``trainable_params``, ``adapter_bytes``."""
@@ -131,7 +131,7 @@ def compare(rows: list[dict], pairs) -> list[str]:
     return out
 
 
-def format_pilot(rows: list[dict]) -> str:
+def format_runs(rows: list[dict]) -> str:
     lines = [f"{'run':<44}{'accuracy ± se':>17}{'format ok':>10}{'answer PPL':>11}"
              f"{'trainable':>11}{'adapter':>11}"]
     for r in rows:
