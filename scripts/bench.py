@@ -352,13 +352,13 @@ def distill_section(shared: bool = False) -> list[str]:
 def lora_benchmark(*, batch_size: int = 8, repeats: int = 5) -> dict:
     """A LoRA step against a no-grad forward and a QLoRA step against a LoRA step, interleaved in
     one run (lessons 09 and 10): :func:`edgellm.lora.steps.step_times` on the first training
-    batch of the funcname task (chat template, left-padded)."""
+    batch of the funccall task (chat template, left-padded)."""
     from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_batches
     from edgellm.lora.steps import step_times
     from edgellm.lora.task import load_task
 
     model, tok = load_model(quiet=True)
-    task = load_task("funcname")
+    task = load_task("funccall")
     batch = answer_batches(tok, Prompting.from_style(TRAIN_STYLE), task.split("train"), steps=1,
                            batch_size=batch_size, seq_len=128)[0]
     r = step_times(model, batch, repeats=repeats)
@@ -376,7 +376,7 @@ def lora_section(shared: bool = False) -> list[str]:
         "",
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. {r['threads']} torch "
         f"thread(s). The default model; one left-padded chat-template batch of {B}×{T} tokens "
-        f"of the funcname task; logits only over the answer span in every row (the loss's "
+        f"of the funccall task; logits only over the answer span in every row (the loss's "
         f"need); rank {r['rank']} on `{r['targets']}` linears; each time the median of "
         f"{r['step_time_repeats']} interleaved repeats (speed protocol `train`: forward, "
         f"backward, AdamW).{note}",

@@ -88,3 +88,28 @@ def test_lesson_09_states_what_its_records_say():
     assert f"+{100 * d:.1f} ± {100 * L.se_bound(lora['accuracy_se'], lora['accuracy_base_se']):.1f} points" in text
     fn = load_sweep("09_funcname")["records"][0]
     assert f"from {fn['accuracy_base']:.1%} to {fn['accuracy']:.1%}".replace("%", " %") in text
+
+
+def test_lesson_09_reads_targets_and_rank_as_recorded():
+    import json
+
+    from edgellm.paths import root
+    from edgellm.results import load_sweep
+
+    t, r = load_sweep("09_targets")["records"], load_sweep("09_rank")["records"]
+    task = load_sweep("09_task")["records"]
+    if not (t and r and task):
+        pytest.skip("not recorded")
+    cells = json.loads((root() / "notebooks" / "09_lora.ipynb").read_text())["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells)
+    acc = {x["targets"]: x["accuracy"] for x in t}
+    assert max(acc.values()) - min(acc.values()) < 2 * L.se_bound(t[0]["accuracy_se"], t[1]["accuracy_se"])
+    for k, v in acc.items():
+        assert f"`{k}` {100 * v:.1f} %" in text
+    by_rank = {x["rank"]: x for x in r} | {8: task[0]}
+    d14 = by_rank[4]["accuracy"] - by_rank[1]["accuracy"]
+    se14 = L.se_bound(by_rank[4]["accuracy_se"], by_rank[1]["accuracy_se"])
+    assert L.reading(d14, se14) == "higher" and f"+{100 * d14:.1f} ± {100 * se14:.1f} points" in text
+    d = by_rank[32]["accuracy"] - by_rank[8]["accuracy"]
+    se = L.se_bound(by_rank[32]["accuracy_se"], by_rank[8]["accuracy_se"])
+    assert L.reading(d, se) == "not resolved" and f"+{100 * d:.1f} ± {100 * se:.1f} over rank 8" in text
