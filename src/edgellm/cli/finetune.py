@@ -169,16 +169,11 @@ def run_finetune(args) -> dict:
 def run_eval_task(args) -> dict:
     from edgellm.lora.apply import eval_task, read_adapter_meta
     from edgellm.lora.layers import LoRAError
-    from edgellm.lora.task import TASKS, load_task
 
     check_model_name(args.model)
     _check_task(args)
     if args.eval_batch_size < 1:
         raise LoRAError(f"--eval-batch-size {args.eval_batch_size}: give a positive number")
-    if args.decoding == "grammar" and args.task not in TASKS:
-        if not load_task(args.task).dotted_names:
-            raise LoRAError(f"--decoding grammar needs answers that are dotted names; {args.task} "
-                            "has other answers: use --decoding free")
     if args.adapter:
         meta = read_adapter_meta(args.adapter)
         base = (meta.get("base") or {}).get("base_model")

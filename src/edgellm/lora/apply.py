@@ -366,17 +366,17 @@ def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcn
     the_task = load_task(task)
     if not the_task.split("test"):
         raise LoRAError(f"task {task!r} has no test items")
+    if decoding is None:
+        decoding = "free" if adapter is not None else base_decoding(the_task)
+    if decoding == "grammar" and not the_task.dotted_names:   # before the model load
+        raise LoRAError(f"--decoding grammar needs a task whose answers are dotted names; "
+                        f"{task!r} has other answers: use --decoding free")
     model, tok = load_model(model_name, quiet=not progress)
     if adapter is not None:
         meta = check_adapter_base(model, adapter)
         model = load_adapter(model, adapter)
         style = style or meta.get("train_prompt_style", BEST_BASE_STYLE)
     style = style or BEST_BASE_STYLE
-    if decoding is None:
-        decoding = "free" if adapter is not None else base_decoding(the_task)
-    if decoding == "grammar" and not the_task.dotted_names:
-        raise LoRAError(f"--decoding grammar needs a task whose answers are dotted names; "
-                        f"{task!r} has other answers: use --decoding free")
     ev = evaluate_task(model, tok, the_task, style=style, max_examples=max_examples,
                        batch_size=batch_size, progress=progress, decoding=decoding)
     if adapter is None and style == BEST_BASE_STYLE and decoding == base_decoding(the_task):
