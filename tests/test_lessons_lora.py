@@ -53,6 +53,8 @@ def test_run_rows_put_the_base_first_and_mark_the_control():
     assert rows[0]["accuracy"] == 0.1 and rows[0]["record"] is None
     assert "30.0%" in L.format_runs(rows)
     assert L.run_rows([]) == []
+    named = L.run_rows([{**rec, "rslora": True, "lr": 3e-4}], show_lr=True)
+    assert named[1]["run"] == "rsLoRA r=8 all, 60 steps, lr 0.0003"
 
 
 def test_side_by_side_lists_every_model_under_each_prompt():

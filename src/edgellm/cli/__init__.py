@@ -18,13 +18,23 @@ import json
 import shlex
 import sys
 
-from edgellm.cli import core, course, distill, finetune, lowrank, production, prune, quantize
+from edgellm.cli import (
+    core,
+    course,
+    deploy,
+    distill,
+    finetune,
+    lowrank,
+    production,
+    prune,
+    quantize,
+)
 from edgellm.cli.common import add_json_arg
 from edgellm.errors import EdgeLLMError
 from edgellm.results import ResultsError, load_records, load_sweep, sweep_names
 
 # the subcommand modules, in the order ``edgellm --help`` lists them
-SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, production, course)
+SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, production, deploy, course)
 
 
 def build_parser() -> argparse.ArgumentParser:

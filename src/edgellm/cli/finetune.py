@@ -25,6 +25,7 @@ are dotted names, ``ppl`` the perplexity of the held-out answers given their pro
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from edgellm.cli.common import (
@@ -66,6 +67,13 @@ def add_parsers(sub) -> None:
     _add_task_arg(p)
     p.add_argument("--out", help="save the adapter to this new (or empty) folder")
     p.add_argument("--eval", action="store_true", help="score base and tuned model on the test split")
+    p.add_argument("--eval-llamacpp", action="store_true",
+                   help="with --eval: also run the adapter in llama.cpp (GGUF LoRA, and merged), "
+                        "compared token for token with HF + peft")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (--eval-llamacpp)")
+    p.add_argument("--eval-merged", action="store_true",
+                   help="with --eval and --method qlora/loftq: also score the adapter merged into "
+                        "the 4-bit base (kept in fp32, and re-quantized to NF4)")
     add_seed_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run_finetune)
@@ -82,6 +90,12 @@ def add_parsers(sub) -> None:
                    help="grammar: answers constrained to dotted names (default for a bare model "
                         "on a dotted-name task); free: anything (default with --adapter)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts generated at once")
+    p.add_argument("--runtime", default="torch", choices=["torch", "llamacpp"],
+                   help="llamacpp: the adapter runs in llama.cpp (base F32 GGUF + GGUF LoRA), "
+                        "compared token for token with HF + peft on the same prompts")
+    p.add_argument("--merge", action="store_true",
+                   help="with --runtime llamacpp: merge the adapter and run the merged GGUF")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (--runtime llamacpp)")
     add_json_arg(p)
     p.set_defaults(func=run_eval_task)
 
@@ -98,8 +112,9 @@ def _check_task(args) -> None:
 
 def check_finetune_args(args) -> None:
     """Every bad value fails here, before the model is loaded."""
+    from edgellm.deploy.apply import LLAMACPP_METHODS
     from edgellm.lora.apply import check_bnb, check_lora_args
-    from edgellm.lora.layers import LoRAError
+    from edgellm.lora.layers import INT4_METHODS, MERGE_METHODS, LoRAError
     from edgellm.train import check_settings
 
     if args.base:
@@ -116,7 +131,22 @@ def check_finetune_args(args) -> None:
         check_out_dir(args.out, "--out", empty=True)
         if args.method == "full":
             raise LoRAError("--out saves an adapter; a full fine-tune has none (drop --out)")
-    if args.method == "qlora":
+    if args.eval_llamacpp:
+        if not args.eval:
+            raise LoRAError("--eval-llamacpp compares the evaluations: add --eval")
+        if args.method not in LLAMACPP_METHODS:
+            raise LoRAError(f"--eval-llamacpp runs a plain LoRA adapter in llama.cpp; "
+                            f"--method {args.method} is not one (use one of "
+                            f"{', '.join(LLAMACPP_METHODS)})")
+        if args.threads < 1:
+            raise LoRAError(f"--threads {args.threads}: give a positive number")
+    if args.eval_merged and (args.method not in MERGE_METHODS or not args.eval):
+        raise LoRAError("--eval-merged scores the adapter merged into the 4-bit base: it needs "
+                        f"--eval and --method {' / '.join(MERGE_METHODS)}")
+    if args.out and args.method in INT4_METHODS:
+        raise LoRAError(f"--method {args.method} trains on our INT4 base, which peft cannot "
+                        "load: it saves no adapter (drop --out)")
+    if args.method in ("qlora", "loftq"):
         check_bnb()
     if args.method != "full":
         _check_rank_from_config(args.model, args.rank, args.targets)
@@ -156,6 +186,10 @@ def run_finetune(args) -> dict:
     from edgellm.lora.apply import finetune
 
     check_finetune_args(args)
+    if args.eval_llamacpp:
+        from edgellm.deploy.apply import finetune_on_device
+
+        finetune = partial(finetune_on_device, threads=args.threads)
     return finetune(args.model, method=args.method, rank=args.rank, alpha=args.alpha,
                     targets=args.targets, dropout=args.dropout, rslora=args.rslora,
                     steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -163,6 +197,7 @@ def run_finetune(args) -> dict:
                     grad_checkpointing=args.grad_checkpointing, out=args.out,
                     evaluate=args.eval, max_examples=args.max_examples,
                     shuffle_labels=args.shuffle_labels, seed=args.seed,
+                    eval_merged=args.eval_merged,
                     progress=not args.json)
 
 
@@ -180,6 +215,22 @@ def run_eval_task(args) -> dict:
         if base is not None and base != args.model:
             raise LoRAError(f"--adapter {args.adapter} was made for base model {base!r}, not "
                             f"{args.model!r}; pass --model {base}")
+    if args.runtime == "llamacpp":
+        if not args.adapter:
+            raise LoRAError("--runtime llamacpp runs an adapter in llama.cpp: give --adapter DIR")
+        if args.prompt is not None or args.decoding not in (None, "free"):
+            raise LoRAError("--runtime llamacpp uses the adapter's training prompt and free "
+                            "decoding; drop --prompt / --decoding")
+        if args.threads < 1:
+            raise LoRAError(f"--threads {args.threads}: give a positive number")
+        from edgellm.deploy.apply import eval_task_llamacpp
+
+        return eval_task_llamacpp(args.model, adapter=args.adapter, task=args.task,
+                                  merge=args.merge, max_examples=args.max_examples,
+                                  batch_size=args.eval_batch_size, threads=args.threads,
+                                  progress=not args.json)
+    if args.merge:
+        raise LoRAError("--merge applies to --runtime llamacpp (the merged GGUF); drop it")
     return eval_task(args.model, adapter=args.adapter, task=args.task, style=args.prompt,
                      max_examples=args.max_examples, batch_size=args.eval_batch_size,
                      progress=not args.json, decoding=args.decoding)

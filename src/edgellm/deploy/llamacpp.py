@@ -115,3 +115,46 @@ def llamacpp_tokenize(gguf: str | os.PathLike, text: str, *, special: bool = Fal
 
     vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     return vocab.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+
+def llamacpp_greedy(gguf, prompts: list[list[int]], *, eos: int, lora=None,
+                    max_new_tokens: int = 16, threads: int = 1, n_ctx: int = 1024,
+                    progress: bool = False) -> list[list[int]]:
+    """Greedy continuations of token-id ``prompts`` by llama.cpp (llama-cpp-python), one prompt
+    at a time, stopped at ``eos`` (not included) or after ``max_new_tokens``.  ``lora``: a GGUF
+    LoRA applied at run time on ``gguf`` (``lora_path``, scale 1)."""
+    from llama_cpp import Llama
+
+    for f in (gguf, lora):
+        if f is not None and not Path(f).is_file():
+            raise LlamaCppError(f"{f}: no such GGUF file")
+    try:
+        llm = Llama(model_path=str(gguf), lora_path=None if lora is None else str(lora),
+                    n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise LlamaCppError(f"llama.cpp could not load {gguf}"
+                            + ("" if lora is None else f" with the LoRA {lora}")
+                            + f" ({e}); is it a complete GGUF made for this model?") from None
+    rows = prompts
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(prompts, desc="llama.cpp", leave=False)
+    out = []
+    try:
+        for ids in rows:
+            if len(ids) + max_new_tokens > n_ctx:
+                raise LlamaCppError(f"a prompt of {len(ids)} tokens does not fit n_ctx={n_ctx}")
+            llm.reset()
+            new: list[int] = []
+            for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                  repeat_penalty=1.0, reset=True):
+                if t == eos:
+                    break
+                new.append(int(t))
+                if len(new) == max_new_tokens:
+                    break
+            out.append(new)
+    finally:
+        llm.close()
+    return out

@@ -86,10 +86,10 @@ def reading(diff: float, se: float, *, k: float = 2.0) -> str:
     return "not resolved"
 
 
-def run_rows(records: list[dict]) -> list[dict]:
+def run_rows(records: list[dict], *, show_lr: bool = False) -> list[dict]:
     """The base model (best prompt), each LoRA run and the shuffled-label control, one row each:
     ``run``, ``accuracy``, ``se``, ``format_valid``, ``ppl`` (held-out answers, plain prompt),
-    ``trainable_params``, ``adapter_bytes``."""
+    ``trainable_params``, ``adapter_bytes``.  ``show_lr``: the learning rate in each name."""
     rows = []
     if records:
         r0 = records[0]
@@ -98,8 +98,10 @@ def run_rows(records: list[dict]) -> list[dict]:
                      "format_valid": r0["format_valid_base"], "ppl": r0["ppl_base"],
                      "trainable_params": 0, "adapter_bytes": 0, "record": None})
     for r in records:
+        method = "rsLoRA" if r["method"] == "lora" and r.get("rslora") else r["method"]
         name = (f"full fine-tune, {r['steps']} steps" if r["method"] == "full" else
-                f"{r['method']} r={r['rank']} {r['targets']}, {r['steps']} steps")
+                f"{method} r={r['rank']} {r['targets']}, {r['steps']} steps")
+        name += f", lr {r['lr']:g}" if show_lr else ""
         rows.append({"run": name + (" (shuffled labels)" if r.get("shuffle_labels") else ""),
                      "accuracy": r["accuracy"], "se": r["accuracy_se"],
                      "format_valid": r["format_valid"], "ppl": r["ppl"],

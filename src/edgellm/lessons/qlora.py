@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from edgellm.quant.backends.bitsandbytes import nf4_roundtrip  # noqa: F401  (re-exported)
 from edgellm.quant.size import nf4_bytes
 
 
@@ -55,15 +56,6 @@ def base_memory_of_shape(*, vocab: int, hidden: int, layers: int, intermediate: 
     out["ratio"] = out["base"] / out["nf4"]
     out["rest_share_nf4"] = rest / out["nf4"]
     return out
-
-
-def nf4_roundtrip(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
-    """``w`` stored in bitsandbytes NF4 and read back (fp32): what a 4-bit base holds of it."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-    q, state = quantize_4bit(w.detach().float().contiguous(), blocksize=blocksize,
-                             quant_type="nf4", compress_statistics=double_quant)
-    return dequantize_4bit(q, state).reshape(w.shape)
 
 
 def nf4_lora_forward(x: torch.Tensor, packed, state, A: torch.Tensor, B: torch.Tensor,

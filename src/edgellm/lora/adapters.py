@@ -55,8 +55,14 @@ def save_adapter(model, folder, *, config=None, meta: dict | None = None) -> Pat
     if config is None:
         raise LoRAError("no adapter config: pass config=peft_config(...) for a from-scratch model")
     init_dir = getattr(model, "edgellm_init_dir", None)
+    loftq_init = getattr(model, "edgellm_loftq_init", None)
     with write_folder(folder) as tmp:
-        if init_dir is not None:
+        if loftq_init is not None:
+            state, config = loftq_as_lora(adapter_state_dict(model), config, loftq_init)
+            save_file(state, str(Path(tmp) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            config.save_pretrained(str(tmp))
+            meta = {**(meta or {}), "converted_from": "loftq"}
+        elif init_dir is not None:
             # PiSSA / LoftQ changed W at initialisation: peft rewrites the trained adapter as a
             # plain LoRA of rank 2r on the original W (ΔW = B A − B₀ A₀), loadable anywhere
             model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir)
@@ -67,6 +73,26 @@ def save_adapter(model, folder, *, config=None, meta: dict | None = None) -> Pat
         (Path(tmp) / EDGELLM_META).write_text(json.dumps(
             {"base": base_fingerprint(base), **(meta or {})}, indent=1, sort_keys=True) + "\n")
     return Path(folder)
+
+
+def loftq_as_lora(state: dict, config, inits: dict):
+    """A LoftQ adapter trained on its own 4-bit base ``Q ≈ W − s B₀A₀``, rewritten as a plain
+    LoRA of rank 2r on the original ``W``: ``W + s (B A − B₀ A₀)`` (peft's PiSSA conversion; the
+    residual ``Q − (W − s B₀A₀)``, LoftQ's final quantization error, is what it cannot carry)."""
+    import copy
+    import math
+
+    state = dict(state)
+    for name, r in inits.items():
+        key = f"base_model.model.{name}"
+        A, B = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]
+        state[f"{key}.lora_A.weight"] = torch.cat([A, r["A"].to(A.dtype)], 0).contiguous()
+        state[f"{key}.lora_B.weight"] = torch.cat([B, -r["B"].to(B.dtype)], 1).contiguous()
+    config = copy.deepcopy(config)
+    grow = math.sqrt(2) if config.use_rslora else 2.0  # the same scaling at rank 2r
+    config.r, config.lora_alpha = 2 * config.r, config.lora_alpha * grow
+    config.init_lora_weights = True
+    return state, config
 
 
 def read_adapter_meta(folder) -> dict:

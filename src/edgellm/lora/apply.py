@@ -13,9 +13,13 @@ The tied embedding / lm_head is never adapted.  Methods (``method``)::
     lora   our LoRALinear (edgellm.lora.layers), saved in peft's format
     dora   peft, use_dora (Liu et al. 2024: magnitude and direction trained apart)
     pissa  peft, init_lora_weights="pissa" (Meng et al. 2024: A, B from W's top singular vectors)
-    loftq  peft, LoftQ initialisation (Li et al. 2023: A, B fitted to the 4-bit error of W)
+    loftq  QLoRA with LoftQ's initialisation (Li et al. 2023; edgellm.lora.loftq: base and A, B
+           fitted together to W, so the adapter starts at the 4-bit error; peft's needs a GPU)
     qlora  bitsandbytes NF4 base (+ double quantization), prepare_model_for_kbit_training, peft
            LoRA (Dettmers et al. 2023)
+    qalora    QA-LoRA (Xu et al. 2023; edgellm.lora.qalora): an INT4 asymmetric g64 base and a
+              group-pooled adapter whose merge only moves each group's offset
+    int4-lora plain LoRA on the same INT4 base (its merge must re-quantize)
     full   every parameter trained (the reference)
 """
 
@@ -45,48 +49,27 @@ from edgellm.lora.evaluate import (  # noqa: F401
     evaluate_task,
     store_base,
 )
-from edgellm.lora.layers import TARGETS, LoRAError, LoRALinear, lora_layers  # noqa: F401
-from edgellm.models import linear_layers
-
-METHODS = ("lora", "qlora", "full", "dora", "pissa", "loftq")
-PEFT_METHODS = ("dora", "pissa", "loftq", "qlora")
-
-
-def check_lora_args(*, method: str = "lora", rank: int = 8, alpha: float | None = None,
-                    targets: str = "all", dropout: float = 0.0) -> None:
-    """Reject bad settings before any model is loaded (raises :class:`LoRAError`)."""
-    if method not in METHODS:
-        raise LoRAError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if targets not in TARGETS:
-        raise LoRAError(f"unknown targets {targets!r}; use qv (q_proj, v_proj), attn (q, k, v, "
-                        "o_proj) or all (attention and MLP linears)")
-    if method != "full" and (not isinstance(rank, int) or rank < 1):
-        raise LoRAError(f"rank={rank} must be a positive integer (typical: 4 to 64)")
-    if alpha is not None and not alpha > 0:
-        raise LoRAError(f"alpha={alpha} must be > 0 (default: alpha = rank, scaling 1)")
-    if not 0.0 <= dropout < 1.0:
-        raise LoRAError(f"dropout={dropout} must be in [0, 1)")
-
-
-def target_linears(model, targets: str = "all") -> dict[str, torch.nn.Linear]:
-    """The decoder linears ``targets`` names, by full module name."""
-    if targets not in TARGETS:
-        check_lora_args(targets=targets)
-    roles = TARGETS[targets]
-    return {n: m for n, m in linear_layers(model).items() if n.rsplit(".", 1)[-1] in roles}
-
-
-def check_rank(model, rank: int, targets: str = "all") -> None:
-    """``rank`` fits every targeted linear: 1 ≤ rank ≤ min(out, in)."""
-    check_lora_args(rank=rank, targets=targets)
-    layers = target_linears(model, targets)
-    if not layers:
-        raise LoRAError(f"the model has no {targets!r} linears ({', '.join(TARGETS[targets])})")
-    name, small = min(layers.items(), key=lambda kv: min(kv[1].weight.shape))
-    if rank > min(small.weight.shape):
-        o, i = small.weight.shape
-        raise LoRAError(f"rank={rank} is larger than {name} ({o}×{i}) allows: use a rank ≤ "
-                        f"{min(o, i)}")
+from edgellm.lora.layers import (  # noqa: F401  (re-exported)
+    INT4_METHODS,
+    MERGE_METHODS,
+    METHODS,
+    TARGETS,
+    LoRAError,
+    LoRALinear,
+    check_lora_args,
+    check_rank,
+    lora_layers,
+    lora_scaling,
+    target_linears,
+)
+from edgellm.lora.loftq import loftq_weights, set_initial_adapter
+from edgellm.lora.peftlib import (  # noqa: F401  (re-exported)
+    apply_peft,
+    apply_qlora,
+    check_bnb,
+    peft_config,
+)
+from edgellm.lora.qalora import apply_qalora
 
 
 def _set_module(model, name: str, module: torch.nn.Module) -> None:
@@ -124,82 +107,6 @@ def unmerge_lora(model) -> None:
 
 def trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# --------------------------------------------------------------------------------------------
-# peft
-
-
-def peft_config(*, method: str = "lora", rank: int = 8, alpha: float | None = None,
-                targets: str = "all", dropout: float = 0.0, rslora: bool = False,
-                base: str | None = None):
-    """The peft ``LoraConfig`` of our settings (``method`` picks DoRA / PiSSA / LoftQ)."""
-    from peft import LoftQConfig, LoraConfig
-
-    kwargs = {}
-    if method == "dora":
-        kwargs["use_dora"] = True
-    elif method == "pissa":
-        kwargs["init_lora_weights"] = "pissa"
-    elif method == "loftq":
-        kwargs.update(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4))
-    return LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
-                      lora_dropout=dropout, target_modules=list(TARGETS[targets]),
-                      use_rslora=rslora, bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=base, **kwargs)
-
-
-def apply_peft(model, *, method: str = "lora", rank: int = 8, alpha: float | None = None,
-               targets: str = "all", dropout: float = 0.0, rslora: bool = False, seed: int = 0,
-               check: bool = True):
-    """``peft.get_peft_model`` with :func:`peft_config`: the peft model (the base is wrapped).
-    ``check``: check the rank against the linears' shapes (off for packed 4-bit weights)."""
-    from peft import get_peft_model
-
-    if check:
-        check_rank(model, rank, targets)
-    torch.manual_seed(seed)
-    try:
-        cfg = peft_config(method=method, rank=rank, alpha=alpha, targets=targets,
-                          dropout=dropout, rslora=rslora)
-    except ImportError as e:  # LoftQ's initialisation needs scipy
-        raise LoRAError(f"method {method!r} needs a package that is not installed ({e}); "
-                        "install it (pip install scipy) or use another --method") from None
-    return get_peft_model(model, cfg)
-
-
-def check_bnb() -> None:
-    """bitsandbytes imports and runs a 4-bit matmul on the CPU, else a clear :class:`LoRAError`."""
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-        w = torch.randn(64, 64)
-        q, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
-        dequantize_4bit(q, state)
-        del bnb
-    except Exception as e:  # ImportError, a missing native library, an unsupported CPU …
-        raise LoRAError(f"qlora needs bitsandbytes with its CPU backend, which cannot load here "
-                        f"({type(e).__name__}: {str(e)[:200]}); pip install 'bitsandbytes>=0.45' "
-                        "or use --method lora") from None
-
-
-def apply_qlora(model, *, rank: int = 8, alpha: float | None = None, targets: str = "all",
-                dropout: float = 0.0, rslora: bool = False, seed: int = 0,
-                grad_checkpointing: bool = False):
-    """QLoRA: every decoder linear to bitsandbytes NF4 with double quantization (fp32 compute),
-    ``prepare_model_for_kbit_training``, then peft LoRA adapters in fp32."""
-    from peft import prepare_model_for_kbit_training
-
-    from edgellm.quant.backends.bitsandbytes import apply_bnb
-
-    check_bnb()
-    check_rank(model, rank, targets)
-    apply_bnb(model, "nf4", double_quant=True)
-    model.is_loaded_in_4bit = True   # what prepare_model_for_kbit_training looks for
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
-    return apply_peft(model, method="lora", rank=rank, alpha=alpha, targets=targets,
-                      dropout=dropout, rslora=rslora, seed=seed, check=False)
 
 
 def load_adapter(model, folder):
@@ -249,15 +156,29 @@ def prepare(model, *, method: str, rank: int, alpha, targets: str, dropout: floa
                    rslora=rslora, seed=seed)
         cfg = peft_config(rank=rank, alpha=alpha, targets=targets, dropout=dropout,
                           rslora=rslora, base=model.config._name_or_path)
-    elif method == "qlora":
+    elif method in ("qlora", "loftq"):
+        inits = None
+        if method == "loftq":
+            check_bnb()
+            check_rank(model, rank, targets)
+            inits = loftq_weights(model, rank=rank, targets=targets,
+                                  scaling=lora_scaling(rank, rank if alpha is None else alpha,
+                                                       rslora=rslora))
         model = apply_qlora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout,
                             rslora=rslora, seed=seed, grad_checkpointing=grad_checkpointing)
+        if inits is not None:
+            set_initial_adapter(model, inits)
+            model.edgellm_loftq_init = inits     # save_adapter expresses the adapter on NF4(W)
         cfg = model.peft_config["default"]
+    elif method in INT4_METHODS:
+        apply_qalora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, seed=seed,
+                     pooled=method == "qalora")
+        cfg = None
     else:
         model = apply_peft(model, method=method, rank=rank, alpha=alpha, targets=targets,
                            dropout=dropout, rslora=rslora, seed=seed)
         cfg = model.peft_config["default"]
-        if method in ("pissa", "loftq"):
+        if method == "pissa":
             keep_initial_adapter(model)
     if grad_checkpointing and method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -271,14 +192,16 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
              rslora: bool = False, steps: int = 100, lr: float = 5e-4, batch_size: int = 8,
              seq_len: int = 128, task: str = "funcname", grad_checkpointing: bool = False,
              out=None, evaluate: bool = True, max_examples: int | None = None,
-             shuffle_labels: bool = False, seed: int = 0, progress: bool = False) -> dict:
+             shuffle_labels: bool = False, seed: int = 0, progress: bool = False,
+             eval_merged: bool = False) -> dict:
     """Fine-tune ``model_name`` on ``task`` and return the record of ``edgellm finetune``.
 
     Trains with :func:`edgellm.train.train` on left-padded chat-template batches, the loss on
     the answer tokens only (AdamW, linear decay after 10 % warm-up, gradient norm clipped to
     1).  With ``evaluate`` the base model (best prompt) and the tuned model (training prompt)
     are scored on the test split.  ``out`` receives the adapter (or, for ``full``, nothing:
-    the record only).
+    the record only).  ``eval_merged`` (QLoRA, LoftQ): also score the adapter merged into the
+    4-bit base, kept in fp32 and re-quantized to NF4 (:mod:`edgellm.lora.merge`).
     """
     from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_batches, answer_loss
     from edgellm.lora.task import load_task
@@ -288,7 +211,13 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
     from edgellm.train import train
 
     check_lora_args(method=method, rank=rank, alpha=alpha, targets=targets, dropout=dropout)
-    if method == "qlora":
+    if eval_merged and (method not in MERGE_METHODS or not evaluate):
+        raise LoRAError("eval_merged scores an adapter merged into its 4-bit base: it needs "
+                        f"evaluate and a method of {', '.join(MERGE_METHODS)}")
+    if out is not None and method in INT4_METHODS:
+        raise LoRAError(f"method {method} trains on our INT4 base, which peft cannot load: "
+                        "it saves no adapter (drop out)")
+    if method in ("qlora", "loftq"):
         check_bnb()
     model_name = model_name or DEFAULT_MODEL
     t_start = time.perf_counter()
@@ -329,7 +258,19 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
         ev = evaluate_task(model, tok, the_task, style=TRAIN_STYLE, max_examples=max_examples,
                            progress=progress)
         rec.update({k: ev[k] for k in ("accuracy", "accuracy_se", "format_valid", "n_test", "decoding",
-                                       "ppl", "examples", "eval_seconds")})
+                                       "ppl", "examples", "eval_seconds", "correct_bits")})
+        if eval_merged and method in INT4_METHODS:
+            from edgellm.lora.merge import evaluate_merged_int4
+
+            rec["merged"] = evaluate_merged_int4(model, tok, the_task, correct=ev["correct"],
+                                                 style=TRAIN_STYLE, max_examples=max_examples,
+                                                 progress=progress)
+        elif eval_merged:
+            from edgellm.lora.merge import evaluate_merged
+
+            rec["merged"] = evaluate_merged(model, model_name, tok, the_task, correct=ev["correct"],
+                                            style=TRAIN_STYLE, max_examples=max_examples,
+                                            progress=progress)
     if out is not None and method != "full":
         save_adapter(model, out, config=cfg,
                      meta={"task": task, "method": method, "train_prompt_style": TRAIN_STYLE,
@@ -383,6 +324,7 @@ def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcn
         # finetune --eval reuses it as the baseline
         store_base(base_cache_key(model_name, the_task, style, max_examples, decoding), ev)
     rec = {"model": model_name, "adapter": None if adapter is None else str(adapter),
-           "task": task, "task_sha256": the_task.sha256, **ev,
+           "task": task, "task_sha256": the_task.sha256,
+           **{k: v for k, v in ev.items() if k != "correct"},
            "peak_rss_bytes": peak_rss_bytes(), "seconds": time.perf_counter() - t0}
     return record(rec, protocol="greedy-exact-match", data=task)

@@ -185,9 +185,10 @@ def answer_nll(model, tokenizer, prompting: Prompting, items, *, batch_size: int
 @torch.inference_mode()
 def generate_batched(model, tokenizer, prompting: Prompting, prompts: list[str], *,
                      max_new_tokens: int = 16, batch_size: int = 32, progress: bool = False,
-                     decoding: str = "free") -> list[str]:
+                     decoding: str = "free", ids: bool = False) -> list:
     """Greedy answers to ``prompts`` (decoded, special tokens dropped), generated ``batch_size``
-    at a time from left-padded rows, prompts sorted by length to pad little.
+    at a time from left-padded rows, prompts sorted by length to pad little.  ``ids``: the
+    generated token ids instead (up to, not including, the end-of-turn token).
 
     ``decoding="grammar"`` constrains every answer to a dotted Python name
     (:class:`edgellm.lora.grammar.DottedNameProcessor`); ``"free"`` lets the model write
@@ -223,5 +224,14 @@ def generate_batched(model, tokenizer, prompting: Prompting, prompts: list[str],
                              eos_token_id=tokenizer.eos_token_id, **extra)
         new = gen[:, batch["input_ids"].shape[1]:]                 # (b, new tokens)
         for i, row in zip(idx, new, strict=True):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True)
+            out[i] = (until_eos(row.tolist(), tokenizer.eos_token_id, pad) if ids
+                      else tokenizer.decode(row, skip_special_tokens=True))
     return out
+
+
+def until_eos(ids: list[int], eos: int, pad: int | None = None) -> list[int]:
+    """``ids`` cut before the first end-of-turn (or padding) token."""
+    for n, t in enumerate(ids):
+        if t == eos or t == pad:
+            return ids[:n]
+    return ids

@@ -13,7 +13,8 @@ from pathlib import Path
 def evaluate_task(model, tokenizer, task, *, style: str, max_examples: int | None = None,
                   batch_size: int = 32, progress: bool = False, decoding: str = "free") -> dict:
     """Generate the test answers with prompt ``style`` and score them; add the answers' PPL
-    (teacher-forced, with the training prompt).  ``decoding="grammar"`` constrains answers to
+    (teacher-forced, with the training prompt).  ``correct`` (per item) and ``correct_bits``
+    (the same as a string of 0/1, for records) allow paired comparisons on the same items.  ``decoding="grammar"`` constrains answers to
     dotted names (:mod:`edgellm.lora.grammar`; only for tasks whose answers are dotted names)."""
     from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_nll, generate_batched
     from edgellm.lora.task import score
@@ -26,7 +27,7 @@ def evaluate_task(model, tokenizer, task, *, style: str, max_examples: int | Non
                             [it.prompt for it in items], batch_size=batch_size, progress=progress,
                             decoding=decoding)
     rec = score(gens, items, dotted_names=task.dotted_names)
-    rec.pop("correct")
+    rec["correct_bits"] = "".join("1" if c else "0" for c in rec["correct"])  # paired comparisons
     nll = answer_nll(model, tokenizer, Prompting.from_style(TRAIN_STYLE, train_items), items)
     rec.update(ppl=nll["ppl"], answer_tokens=nll["n_tokens"], prompt_style=style, decoding=decoding,
                eval_seconds=time.perf_counter() - t0,
@@ -79,6 +80,7 @@ def store_base(path: Path, rec: dict) -> dict:
 
     out = {"accuracy_base": rec["accuracy"], "accuracy_base_se": rec["accuracy_se"],
            "format_valid_base": rec["format_valid"], "ppl_base": rec["ppl"],
-           "base_prompt_style": rec["prompt_style"], "base_decoding": rec["decoding"]}
+           "base_prompt_style": rec["prompt_style"], "base_decoding": rec["decoding"],
+           "correct_bits_base": rec.get("correct_bits")}
     write_json(out, path)
     return out

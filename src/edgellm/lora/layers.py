@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.errors import EdgeLLMError
-from edgellm.models import LINEAR_ROLES
+from edgellm.models import LINEAR_ROLES, linear_layers
 
 TARGETS = {
     "qv": ("q_proj", "v_proj"),
@@ -114,3 +114,45 @@ class LoRALinear(nn.Module):
 
 def lora_layers(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+METHODS = ("lora", "qlora", "full", "dora", "pissa", "loftq", "qalora", "int4-lora")
+INT4_METHODS = ("qalora", "int4-lora")        # our INT4 base, not saved in peft's format
+MERGE_METHODS = ("qlora", "loftq", *INT4_METHODS)   # a 4-bit base the merge can leave
+
+
+def check_lora_args(*, method: str = "lora", rank: int = 8, alpha: float | None = None,
+                    targets: str = "all", dropout: float = 0.0) -> None:
+    """Reject bad settings before any model is loaded (raises :class:`LoRAError`)."""
+    if method not in METHODS:
+        raise LoRAError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if targets not in TARGETS:
+        raise LoRAError(f"unknown targets {targets!r}; use qv (q_proj, v_proj), attn (q, k, v, "
+                        "o_proj) or all (attention and MLP linears)")
+    if method != "full" and (not isinstance(rank, int) or rank < 1):
+        raise LoRAError(f"rank={rank} must be a positive integer (typical: 4 to 64)")
+    if alpha is not None and not alpha > 0:
+        raise LoRAError(f"alpha={alpha} must be > 0 (default: alpha = rank, scaling 1)")
+    if not 0.0 <= dropout < 1.0:
+        raise LoRAError(f"dropout={dropout} must be in [0, 1)")
+
+
+def target_linears(model, targets: str = "all") -> dict[str, torch.nn.Linear]:
+    """The decoder linears ``targets`` names, by full module name."""
+    if targets not in TARGETS:
+        check_lora_args(targets=targets)
+    roles = TARGETS[targets]
+    return {n: m for n, m in linear_layers(model).items() if n.rsplit(".", 1)[-1] in roles}
+
+
+def check_rank(model, rank: int, targets: str = "all") -> None:
+    """``rank`` fits every targeted linear: 1 ≤ rank ≤ min(out, in)."""
+    check_lora_args(rank=rank, targets=targets)
+    layers = target_linears(model, targets)
+    if not layers:
+        raise LoRAError(f"the model has no {targets!r} linears ({', '.join(TARGETS[targets])})")
+    name, small = min(layers.items(), key=lambda kv: min(kv[1].weight.shape))
+    if rank > min(small.weight.shape):
+        o, i = small.weight.shape
+        raise LoRAError(f"rank={rank} is larger than {name} ({o}×{i}) allows: use a rank ≤ "
+                        f"{min(o, i)}")

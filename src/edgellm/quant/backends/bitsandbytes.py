@@ -168,3 +168,12 @@ def nf4_layout(module) -> dict:
             "absmax2": qs.state2.absmax if nested else None,
             "code2": qs.state2.code if nested else None,
             "offset": float(qs.offset) if nested else None}
+
+
+def nf4_roundtrip(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
+    """``w`` stored in bitsandbytes NF4 and read back (fp32): what a 4-bit base holds of it."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    q, state = quantize_4bit(w.detach().float().contiguous(), blocksize=blocksize,
+                             quant_type="nf4", compress_statistics=double_quant)
+    return dequantize_4bit(q, state).reshape(w.shape)

@@ -1,0 +1,103 @@
+"""Models and LoRA adapters to GGUF, with llama.cpp's own converters.
+
+Any model ``edgellm`` loads (the default, a control, a pruned or merged one) is written as a
+Hugging Face folder and converted by ``convert_hf_to_gguf.py``; a LoRA adapter saved in peft's
+format by ``convert_lora_to_gguf.py``, which llama.cpp applies at run time (``--lora``,
+llama-cpp-python's ``lora_path``) on the base model's GGUF.  Both scripts come from the
+llama-cpp-python source distribution (:func:`edgellm.deploy.llamacpp.source_dir`); no package is
+installed to get them.  Files are written beside the target and renamed when complete.
+
+The converters write ``F32``, ``F16``, ``BF16`` and ``Q8_0`` themselves (the token embedding
+and the norms stay F32 in every case, as llama.cpp chooses); the K- and I-quants need
+``llama-quantize``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from edgellm.deploy.llamacpp import LlamaCppError, source_dir
+
+CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
+ADAPTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def check_type(qtype: str, *, adapter: bool = False) -> str:
+    """``qtype`` if the converter writes it, else a clear :class:`LlamaCppError`."""
+    allowed = ADAPTER_TYPES if adapter else CONVERTER_TYPES
+    if qtype.upper() not in allowed:
+        what = "an adapter" if adapter else "a model"
+        raise LlamaCppError(f"--type {qtype}: llama.cpp's converter writes {what} as one of "
+                            f"{', '.join(allowed)}; for a K- or I-quant, run llama.cpp's "
+                            "llama-quantize on the F32 file")
+    return qtype.upper()
+
+
+def _run_converter(script: str, args: list[str], out: Path) -> Path:
+    out = Path(out)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.part")
+    cmd = [sys.executable, str(source_dir() / script), *args, "--outfile", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not tmp.is_file():
+            raise LlamaCppError(f"{script} failed (exit {proc.returncode}): "
+                                f"{proc.stderr.strip()[-600:]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def save_hf(model, tokenizer, folder) -> Path:
+    """A Hugging Face folder (safetensors, config, tokenizer) of ``model``: what the converters
+    read."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def model_to_gguf(model, tokenizer, out, *, qtype: str = "F32") -> Path:
+    """``model`` written to the GGUF file ``out`` with ``convert_hf_to_gguf.py``."""
+    qtype = check_type(qtype)
+    with tempfile.TemporaryDirectory(prefix="edgellm-hf-") as tmp:
+        save_hf(model, tokenizer, tmp)
+        return _run_converter("convert_hf_to_gguf.py", [tmp, "--outtype", qtype.lower()], out)
+
+
+def adapter_to_gguf(adapter_dir, model, tokenizer, out, *, qtype: str = "F32") -> Path:
+    """A peft-format adapter folder to a GGUF LoRA with ``convert_lora_to_gguf.py``.  The
+    converter reads only the base's config and tokenizer (``model`` supplies them)."""
+    qtype = check_type(qtype, adapter=True)
+    with tempfile.TemporaryDirectory(prefix="edgellm-base-") as tmp:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _run_converter("convert_lora_to_gguf.py",
+                              ["--base", tmp, "--outtype", qtype.lower(), str(adapter_dir)], out)
+
+
+def tensor_types(gguf_path) -> dict[str, str]:
+    """Every tensor's stored type, read from the file (``{"blk.0.attn_q.weight": "Q8_0", …}``)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as e:
+        raise LlamaCppError(f"{gguf_path}: not a readable GGUF file ({e})") from None
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def gguf_bpw(gguf_path, *, prefix: str = "blk.") -> float:
+    """Bits per weight of the tensors whose names start with ``prefix`` (the decoder blocks),
+    from the bytes the file stores."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    ts = [t for t in reader.tensors if t.name.startswith(prefix)]
+    n = sum(int(t.n_elements) for t in ts)
+    return 8 * sum(int(t.n_bytes) for t in ts) / n if n else float("nan")

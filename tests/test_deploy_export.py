@@ -1,0 +1,99 @@
+"""GGUF export with llama.cpp's converters, and a LoRA adapter run by llama.cpp: the same greedy
+tokens as Hugging Face + peft on the same prompt ids, as a run-time GGUF LoRA and merged."""
+
+import json
+
+import pytest
+import torch
+
+from edgellm.deploy.apply import first_difference
+
+
+@pytest.mark.fast
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 7]) == 2 and first_difference([], [4]) == 0
+
+
+@pytest.mark.fast
+def test_until_eos():
+    from edgellm.lora.chat import until_eos
+
+    assert until_eos([5, 6, 2, 7], eos=2) == [5, 6] and until_eos([5, 0, 0], 2, pad=0) == [5]
+    assert until_eos([5, 6], eos=2) == [5, 6]
+
+
+@pytest.mark.integration
+@pytest.mark.llamacpp
+def test_export_q8_0_reads_back_its_tensor_types(tmp_path, capsys):
+    from edgellm.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--type", "Q8_0", "--out", str(out), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    types = rec["tensor_types"]
+    linears = [n for n in types if n.startswith("blk.") and not n.endswith("norm.weight")]
+    assert len(linears) == rec["n_linear"] == 210
+    assert {types[n] for n in linears} == {"Q8_0"}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert 8.0 < rec["bpw"] < 8.6 and rec["size_bytes"] == out.stat().st_size
+    assert not list(tmp_path.glob(".*part"))                 # nothing half-written is left
+
+
+@pytest.mark.integration
+@pytest.mark.llamacpp
+def test_an_adapter_in_llamacpp_generates_what_hf_and_peft_generate(tmp_path):
+    """A rank-4 adapter with large random B changes most answers, so an adapter that llama.cpp
+    ignored (or applied with the wrong scale) would not agree with HF + peft."""
+    from edgellm.deploy.apply import eval_task_llamacpp
+    from edgellm.lora.apply import apply_lora, peft_config, save_adapter
+    from edgellm.models import load_model
+
+    torch.set_num_threads(1)
+    m, _ = load_model()
+    layers = apply_lora(m, rank=4, alpha=8, targets="attn")
+    torch.manual_seed(0)
+    for lin in layers.values():
+        lin.lora_B.data.normal_(0, 0.05)
+    folder = save_adapter(m, tmp_path / "ad",
+                          config=peft_config(rank=4, alpha=8, targets="attn",
+                                             base=m.config._name_or_path))
+    n = 8
+    # the adapter matters: llama.cpp without it answers differently on most prompts
+    from edgellm.deploy.export import adapter_to_gguf, model_to_gguf
+    from edgellm.deploy.llamacpp import llamacpp_greedy
+    from edgellm.lora.chat import TRAIN_STYLE, Prompting, prompt_ids
+    from edgellm.lora.task import load_task
+
+    base, tok = load_model()
+    task = load_task("funccall")
+    prompting = Prompting.from_style(TRAIN_STYLE, task.split("train"))
+    rows = [prompt_ids(tok, prompting, it.prompt) for it in task.subset("test", n)]
+    gguf = model_to_gguf(base, tok, tmp_path / "base.gguf")
+    lora_gguf = adapter_to_gguf(folder, base, tok, tmp_path / "ad.gguf")
+    plain = llamacpp_greedy(gguf, rows, eos=tok.eos_token_id, max_new_tokens=8)
+    adapted = llamacpp_greedy(gguf, rows, eos=tok.eos_token_id, max_new_tokens=8, lora=lora_gguf)
+    assert sum(a != b for a, b in zip(plain, adapted, strict=True)) >= n // 2
+    del m, base
+    lora = eval_task_llamacpp(adapter=folder, task="funccall", max_examples=n)
+    assert lora["n_test"] == n and lora["adapter_gguf_bytes"] > 0
+    assert lora["token_agreement"] >= 7 / 8, lora["diverged_examples"]
+    merged = eval_task_llamacpp(adapter=folder, task="funccall", max_examples=n, merge=True)
+    assert merged["token_agreement"] >= 7 / 8, merged["diverged_examples"]
+    assert merged["adapter_gguf_bytes"] is None
+
+
+@pytest.mark.fast
+def test_a_missing_or_corrupt_gguf_is_a_clear_error(tmp_path):
+    from edgellm.deploy.export import tensor_types
+    from edgellm.deploy.llamacpp import LlamaCppError, llamacpp_greedy
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x00" * 60)
+    with pytest.raises(LlamaCppError, match="no such GGUF"):
+        llamacpp_greedy(tmp_path / "none.gguf", [[1, 2]], eos=2)
+    with pytest.raises(LlamaCppError, match="could not load"):
+        llamacpp_greedy(junk, [[1, 2]], eos=2)
+    with pytest.raises(LlamaCppError, match="not a readable GGUF"):
+        tensor_types(junk)
