@@ -84,6 +84,12 @@ BAD_INPUT: dict[str, list[list[str]]] = {
                ["--adapter", "{tmp}/none", "--out", "{tmp}/a.gguf"],
                ["--adapter", "{tmp}", "--out", "{tmp}/a.gguf"], ["--out", "{tmp}"],
                ["--model", "nonesuch", "--out", "{tmp}/m.gguf"]],
+    "bench-runtime": [["--runtime", "llamacpp"], ["--runtime", "llamacpp", "--model", "/no/such.gguf"],
+                      ["--runtime", "onnx"], ["--runtime", "torch", "--gen-tokens", "1"],
+                      ["--runtime", "torch", "--threads", "0"],
+                      ["--runtime", "torch", "--model", "nonesuch"]],
+    "roofline": [["--threads", "0"], ["--size-mib", "1"], ["--model", "/no/such.gguf"],
+                 ["--model", "{tmp}/binary.txt"], ["--position", "-1"]],
     "results": [["nonesuch"]],
 }
 

@@ -97,3 +97,48 @@ def test_a_missing_or_corrupt_gguf_is_a_clear_error(tmp_path):
         llamacpp_greedy(junk, [[1, 2]], eos=2)
     with pytest.raises(LlamaCppError, match="not a readable GGUF"):
         tensor_types(junk)
+
+
+@pytest.mark.fast
+def test_bytes_per_token_reads_one_embedding_row_and_the_kv_cache():
+    from edgellm.deploy.roofline import bytes_per_token, decode_bound, prefill_bound
+
+    tensors = {"token_embd.weight": 1000 * 64, "blk.0.w": 4096, "output (tied)": 1000 * 64}
+    got = bytes_per_token(tensors, rows={"token_embd.weight": 1000}, kv_bytes_per_position=8,
+                          position=10)
+    assert got == 64 + 4096 + 64_000 + 80
+    assert decode_bound(1e9, 500) == 2e6 and prefill_bound(1e12, 2e8) == 5e3
+
+
+@pytest.mark.fast
+def test_roofline_measures_positive_numbers_and_names_its_method(capsys):
+    from edgellm.cli import main
+
+    assert main(["roofline", "--threads", "1", "--size-mib", "16", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["threads"] == 1 and rec["bandwidth_bytes_per_s"] > 1e8 and rec["peak_flops"] > 1e8
+    assert "read-only sum over a 16 MiB" in rec["method"]["bandwidth_bytes_per_s"]
+    assert rec["protocol"] == "roofline"
+
+
+@pytest.mark.integration
+@pytest.mark.llamacpp
+def test_llamacpp_and_torch_generate_the_same_tokens_from_the_same_prompt(tmp_path, capsys):
+    """bench-runtime feeds both runtimes the same ids; on the F32 export the greedy tokens agree,
+    so their speeds compare the same model."""
+    from edgellm.cli import main
+
+    gguf = tmp_path / "f32.gguf"
+    assert main(["export", "--type", "F32", "--out", str(gguf), "--json"]) == 0
+    capsys.readouterr()
+    recs = {}
+    for runtime, model in (("llamacpp", str(gguf)), ("torch", "smollm2-135m")):
+        assert main(["bench-runtime", "--runtime", runtime, "--model", model, "--prompt-tokens",
+                     "32", "--gen-tokens", "8", "--repeats", "1", "--json"]) == 0
+        recs[runtime] = json.loads(capsys.readouterr().out)
+    a, b = recs["llamacpp"], recs["torch"]
+    assert a["generated_ids"] == b["generated_ids"] and len(a["generated_ids"]) == 8
+    for r in (a, b):
+        assert r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["load_s"] > 0
+        assert 0 < r["fraction_of_bound"] and r["speed_protocol"]["decode_bound_tokens_per_s"]
+    assert a["bytes_per_token"] == pytest.approx(b["bytes_per_token"], rel=0.02)

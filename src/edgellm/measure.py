@@ -27,6 +27,12 @@ class MeasureError(EdgeLLMError, ValueError):
 SPEED_PROTOCOLS = {
     "prefill": "plain forward passes without KV cache over `batch` windows of `ctx` tokens at a "
                "time, after `warmup` untimed windows; tokens fed / seconds (compute-bound)",
+    "ttft-prefill": "one `prompt_tokens` prompt fed at once at batch 1, timed until the first "
+                    "generated token is known (time to first token); prompt tokens / seconds, "
+                    "median of `repeats` runs (compute-bound)",
+    "decode-bound": "not a timing: the roofline ceiling on decode, read bandwidth (a read-only "
+                    "sum over arrays far above the last-level cache, at `threads` threads) / "
+                    "bytes read per decoded token at KV-cache `position`",
     "decode": "greedy generation at batch 1 with the KV cache after an untimed `prompt_tokens` "
               "prompt and `warmup` untimed steps; median of `repeats` runs of `new_tokens` steps "
               "(memory- and overhead-bound)",

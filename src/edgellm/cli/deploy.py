@@ -1,10 +1,18 @@
-"""``edgellm export``: a model, a LoRA adapter, or the adapter merged into the model, to GGUF.
+"""``edgellm export``: a model, a LoRA adapter, or the adapter merged into the model, to GGUF;
+``edgellm bench-runtime``: load time, time to first token, prefill and decode speed of one runtime
+on one prompt, against the decode bound;
+``edgellm roofline``: the machine's read bandwidth and peak matmul throughput, and the decode
+bound they put on a GGUF file.
 
 ::
 
     edgellm export --format gguf --type F32 --out build/smollm2-f32.gguf --json
     edgellm export --adapter adapters/funccall --format gguf --out build/funccall-lora.gguf
     edgellm export --adapter adapters/funccall --merge --type Q8_0 --out build/merged-q8.gguf
+    edgellm bench-runtime --runtime llamacpp --model build/smollm2-f32.gguf --threads 1 --json
+    edgellm bench-runtime --runtime torch --threads 2 --prompt-tokens 128 --gen-tokens 128 --json
+    edgellm roofline --threads 1 --json
+    edgellm roofline --threads 2 --model build/smollm2-f32.gguf --position 128 --json
 
 llama.cpp's own converters (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, from the
 llama-cpp-python source distribution) write ``F32``, ``F16``, ``BF16`` or ``Q8_0``; the token
@@ -40,6 +48,28 @@ def add_parsers(sub) -> None:
     add_json_arg(p)
     p.set_defaults(func=run_export)
 
+    p = sub.add_parser("bench-runtime", help="time one prompt and one greedy generation in a runtime",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runtime", required=True, choices=["llamacpp", "torch"])
+    p.add_argument("--model", help="a GGUF file (llamacpp) or a model name or folder (torch)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
+    add_json_arg(p)
+    p.set_defaults(func=run_bench_runtime)
+
+    p = sub.add_parser("roofline", help="measure read bandwidth and peak matmul throughput",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's current count)")
+    p.add_argument("--size-mib", type=int, default=512,
+                   help="array size for the bandwidth tests (far above the last-level cache)")
+    p.add_argument("--model", help="a GGUF file: add its bytes per decoded token and the bound")
+    p.add_argument("--position", type=int, default=0,
+                   help="with --model: the KV-cache position the token is decoded at")
+    add_json_arg(p)
+    p.set_defaults(func=run_roofline)
+
 
 def run_export(args) -> dict:
     from edgellm.deploy.apply import export
@@ -58,3 +88,43 @@ def run_export(args) -> dict:
     check_out_file(args.out, "--out")
     return export(args.model, out=args.out, adapter=args.adapter, merge=args.merge,
                   qtype=args.type, progress=not args.json)
+
+
+def run_roofline(args) -> dict:
+    from edgellm.cli.common import UsageError, check_in_file
+    from edgellm.deploy.apply import roofline
+
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give a positive number")
+    if args.size_mib < 16:
+        raise UsageError(f"--size-mib {args.size_mib}: give at least 16 (the arrays must not fit "
+                         "in the cache)")
+    if args.position < 0:
+        raise UsageError(f"--position {args.position}: give 0 or more")
+    if args.model:
+        check_in_file(args.model, "GGUF file", suffix=".gguf")
+    return roofline(threads=args.threads, size_mib=args.size_mib, model=args.model,
+                    position=args.position)
+
+
+def run_bench_runtime(args) -> dict:
+    from edgellm.cli.common import UsageError, check_in_file
+    from edgellm.deploy.apply import bench_runtime
+
+    for flag, v in (("--threads", args.threads), ("--prompt-tokens", args.prompt_tokens),
+                    ("--repeats", args.repeats)):
+        if v < 1:
+            raise UsageError(f"{flag} {v}: give a positive number")
+    if args.gen_tokens < 2:
+        raise UsageError(f"--gen-tokens {args.gen_tokens}: give at least 2 (decode is timed "
+                         "from the first generated token to the last)")
+    if args.runtime == "llamacpp":
+        if not args.model:
+            raise UsageError("--runtime llamacpp runs a GGUF file: give --model FILE.gguf "
+                             "(edgellm export writes one)")
+        check_in_file(args.model, "GGUF file", suffix=".gguf")
+    elif args.model:
+        check_model_name(args.model)
+    return bench_runtime(args.runtime, args.model, threads=args.threads,
+                         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                         repeats=args.repeats)

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 
 def export(model_name: str | None = None, *, out, adapter=None, merge: bool = False,
            qtype: str = "F32", progress: bool = False) -> dict:
@@ -53,6 +55,98 @@ def export(model_name: str | None = None, *, out, adapter=None, merge: bool = Fa
            "tensor_types": types, "n_tensors": len(types), "n_linear": n_linear,
            "peak_rss_bytes": peak_rss_bytes(), "seconds": time.perf_counter() - t0}
     return record(rec, protocol="export", data=None)
+
+
+def roofline(*, threads: int | None = None, size_mib: int = 512, model=None,
+             position: int = 0) -> dict:
+    """The record of ``edgellm roofline``: :func:`edgellm.deploy.roofline.measure`, and with a
+    GGUF ``model`` its bytes per decoded token and ``decode_bound_tokens_per_s``."""
+    from edgellm.deploy.export import gguf_decode_bytes
+    from edgellm.deploy.roofline import decode_bound, measure
+    from edgellm.measure import protocol
+    from edgellm.records import record
+
+    t0 = time.perf_counter()
+    rec = measure(threads=threads, mib=size_mib)
+    if model is not None:
+        rec["model"] = str(model)
+        rec.update(gguf_decode_bytes(model, position=position))
+        rec["decode_bound_tokens_per_s"] = decode_bound(rec["bandwidth_bytes_per_s"],
+                                                        rec["bytes_per_token"])
+        rec["speed_protocol"] = {"decode_bound_tokens_per_s": protocol(
+            "decode-bound", threads=rec["threads"], position=position)}
+    rec["seconds"] = time.perf_counter() - t0
+    return {**record(rec, protocol="roofline", data=None), "threads": rec["threads"]}
+
+
+RUNTIMES = ("llamacpp", "torch")
+
+
+def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: int = 128,
+                  gen_tokens: int = 128, repeats: int = 3, data: str = "pydoc") -> dict:
+    """The record of ``edgellm bench-runtime``: load, time to first token, prefill and decode
+    tokens/s of ``model`` (a GGUF file for ``llamacpp``, a model name or folder for ``torch``)
+    on the same prompt ids (:mod:`edgellm.deploy.runtime`), its size and the process's peak RSS,
+    then the machine's read bandwidth at the same thread count and the decode bound it gives
+    (``decode_bound_tokens_per_s``, ``fraction_of_bound``)."""
+    from edgellm.deploy.export import gguf_decode_bytes
+    from edgellm.deploy.roofline import bytes_per_token, decode_bound, measure
+    from edgellm.deploy.runtime import bench_llamacpp, bench_torch, prompt_ids
+    from edgellm.measure import check_speed_keys, peak_rss_bytes, protocol
+    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.records import record
+
+    if runtime not in RUNTIMES:
+        from edgellm.errors import EdgeLLMError
+
+        raise EdgeLLMError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    t_start = time.perf_counter()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        position = prompt_tokens + gen_tokens // 2           # the mean position of a decode step
+        if runtime == "llamacpp":
+            _, tok = load_model(DEFAULT_MODEL, quiet=True)   # the tokenizer of the prompt
+            del _
+            ids = prompt_ids(tok, prompt_tokens, data=data)
+            res = bench_llamacpp(model, ids, gen_tokens=gen_tokens, threads=threads,
+                                 repeats=repeats)
+            size = Path(model).stat().st_size
+            read = gguf_decode_bytes(model, position=position)["bytes_per_token"]
+        else:
+            t0 = time.perf_counter()
+            m, tok = load_model(model or DEFAULT_MODEL, quiet=True)
+            load_s = time.perf_counter() - t0
+            ids = prompt_ids(tok, prompt_tokens, data=data)
+            res = bench_torch(m, ids, gen_tokens=gen_tokens, repeats=repeats, load_s=load_s)
+            params = {n: p.numel() * p.element_size() for n, p in m.named_parameters()}
+            embed = m.get_input_embeddings().weight
+            name = next(n for n, p in m.named_parameters() if p is embed)
+            if m.config.tie_word_embeddings:
+                params["lm_head (tied)"] = params[name]
+            cfg = m.config
+            kv = (2 * cfg.num_hidden_layers * (cfg.num_key_value_heads or cfg.num_attention_heads)
+                  * (cfg.hidden_size // cfg.num_attention_heads) * embed.element_size())
+            size = sum(p.numel() * p.element_size() for p in m.parameters())
+            read = bytes_per_token(params, rows={name: embed.shape[0]},
+                                   kv_bytes_per_position=kv, position=position)
+            del m
+        peak = peak_rss_bytes()                              # before the bandwidth arrays
+        machine = measure(threads=threads)
+    finally:
+        torch.set_num_threads(old)
+    bound = decode_bound(machine["bandwidth_bytes_per_s"], read)
+    rec = {"runtime": runtime, "model": str(model or DEFAULT_MODEL), **res, "size_bytes": size,
+           "peak_rss_bytes": peak, "bytes_per_token": read,
+           "bandwidth_bytes_per_s": machine["bandwidth_bytes_per_s"],
+           "peak_flops": machine["peak_flops"], "cpu": machine["cpu"],
+           "decode_bound_tokens_per_s": bound,
+           "fraction_of_bound": (res["decode_tokens_per_s"] or 0) / bound,
+           "seconds": time.perf_counter() - t_start}
+    rec["speed_protocol"]["decode_bound_tokens_per_s"] = protocol(
+        "decode-bound", threads=threads, position=position)
+    check_speed_keys(rec)
+    return {**record(rec, protocol="runtime", data=data), "threads": threads}
 
 
 def merged(model, adapter):

@@ -101,3 +101,44 @@ def gguf_bpw(gguf_path, *, prefix: str = "blk.") -> float:
     ts = [t for t in reader.tensors if t.name.startswith(prefix)]
     n = sum(int(t.n_elements) for t in ts)
     return 8 * sum(int(t.n_bytes) for t in ts) / n if n else float("nan")
+
+
+def gguf_tensor_bytes(gguf_path) -> dict[str, int]:
+    """Every tensor's stored bytes, from the file."""
+    from gguf import GGUFReader
+
+    return {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf_path)).tensors}
+
+
+def gguf_decode_bytes(gguf_path, *, position: int = 0, kv_bytes: int = 2) -> dict:
+    """What decoding one token at ``position`` reads from a llama-architecture GGUF: every
+    tensor as stored, one row of ``token_embd``, the whole ``token_embd`` again when the output
+    matrix is tied to it (no ``output.weight``), and the K and V caches up to ``position``
+    (``kv_bytes`` per element: llama.cpp's default cache is F16)."""
+    from gguf import GGUFReader
+
+    from edgellm.deploy.roofline import bytes_per_token
+
+    reader = GGUFReader(str(gguf_path))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+
+    def meta(key):
+        f = reader.get_field(key)
+        return None if f is None else int(f.parts[f.data[0]][0])
+
+    arch = bytes(reader.get_field("general.architecture").parts[-1]).decode()
+    layers = meta(f"{arch}.block_count")
+    heads, kv_heads = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.head_count_kv")
+    hidden = meta(f"{arch}.embedding_length")
+    head_dim = hidden // heads
+    kv_per_pos = 2 * layers * (kv_heads or heads) * head_dim * kv_bytes
+    tensors = dict(sizes)
+    tied = "output.weight" not in sizes
+    if tied:
+        tensors["output.weight (tied: token_embd)"] = sizes["token_embd.weight"]
+    vocab = shapes["token_embd.weight"][-1]                 # gguf lists dims fastest-first
+    total = bytes_per_token(tensors, rows={"token_embd.weight": vocab},
+                            kv_bytes_per_position=kv_per_pos, position=position)
+    return {"bytes_per_token": total, "weights_bytes": sum(sizes.values()), "tied_output": tied,
+            "kv_bytes_per_position": kv_per_pos, "position": position, "n_layers": layers}
