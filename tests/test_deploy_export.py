@@ -3,6 +3,7 @@ tokens as Hugging Face + peft on the same prompt ids, as a run-time GGUF LoRA an
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,77 @@ def test_llamacpp_and_torch_generate_the_same_tokens_from_the_same_prompt(tmp_pa
         assert r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["load_s"] > 0
         assert 0 < r["fraction_of_bound"] and r["speed_protocol"]["decode_bound_tokens_per_s"]
     assert a["bytes_per_token"] == pytest.approx(b["bytes_per_token"], rel=0.02)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("bits,sym,kind", [(4, True, "Q4_0"), (4, False, "Q4_1"), (8, True, "Q8_0")])
+def test_our_g32_codes_are_llamacpp_blocks_bit_for_bit(bits, sym, kind):
+    import gguf
+    from gguf import quants
+
+    from edgellm.deploy.gguf_blocks import as_block_qtensor, block_type
+    from edgellm.quant.gguf_formats import to_gguf_bytes
+    from edgellm.quant.rtn import quantize
+
+    torch.manual_seed(0)
+    qt = quantize(torch.randn(6, 128) * 0.05, bits, 32, sym=sym)
+    assert block_type(qt) == kind
+    raw = to_gguf_bytes(as_block_qtensor(qt))
+    back = quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind))
+    assert np.array_equal(back.astype(np.float32), qt.dequantize().numpy())
+
+
+@pytest.mark.fast
+def test_formats_without_an_exact_block_are_refused():
+    from edgellm.deploy.gguf_blocks import block_type
+    from edgellm.deploy.llamacpp import LlamaCppError
+    from edgellm.quant.rtn import quantize
+
+    w = torch.randn(4, 128)
+    for bits, g, sym in ((4, 64, True), (3, 32, True), (8, 32, False)):
+        with pytest.raises(LlamaCppError, match="no exact GGUF block"):
+            block_type(quantize(w, bits, g, sym=sym))
+
+
+@pytest.mark.fast
+def test_rope_row_order_interleaves_the_two_halves_of_each_head():
+    from edgellm.deploy.gguf_blocks import rope_row_order
+
+    order = rope_row_order(12, 2)                  # 2 heads of 6 rows: halves of 3
+    assert order.tolist() == [0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]
+
+
+@pytest.mark.integration
+@pytest.mark.llamacpp
+def test_an_rtn_model_exports_to_q4_0_and_llamacpp_runs_it(tmp_path, capsys):
+    from edgellm.cli import main
+    from edgellm.deploy.runtime import bench_llamacpp, bench_torch, prompt_ids
+    from edgellm.quant.save import load_quantized
+
+    q = tmp_path / "rtn"
+    assert main(["quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", "--sym",
+                 "--out", str(q), "--json"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "rtn.gguf"
+    assert main(["export", "--from-quantized", str(q), "--out", str(out), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    linears = {n: t for n, t in rec["tensor_types"].items()
+               if n.startswith("blk.") and not n.endswith("norm.weight")}
+    assert len(linears) == 210 and set(linears.values()) == {"Q4_0"}
+    assert rec["tensor_types"]["token_embd.weight"] == "F32" and rec["blocks_checked"] > 0
+    assert 4.5 < rec["bpw"] < 4.6
+    model, tok, _ = load_quantized(q)
+    from edgellm.models import load_model
+
+    tok = tok or load_model()[1]
+    ids = prompt_ids(tok, 64)
+    theirs = bench_llamacpp(out, ids, gen_tokens=8, repeats=1)["generated_ids"]
+    ours = bench_torch(model, ids, gen_tokens=8, repeats=1)["generated_ids"]
+    assert theirs[:4] == ours[:4]          # later tokens may part: llama.cpp rounds activations
+    g64 = tmp_path / "g64"
+    assert main(["quantize", "--method", "rtn", "--bits", "4", "--group-size", "64", "--out",
+                 str(g64), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--from-quantized", str(g64), "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "no exact GGUF block" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

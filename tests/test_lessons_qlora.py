@@ -100,3 +100,32 @@ def test_lesson_10_reads_its_record_right():
     assert f"about {100 * (d - 2 * se):.1f} to +{100 * (d + 2 * se):.1f} points".replace("-", "−") in text
     for r in (q[0], lo[0]):
         assert f"{100 * r['accuracy']:.1f} % ± {100 * r['accuracy_se']:.1f}" in text
+
+
+def _lesson_10_text() -> str:
+    import json
+
+    from edgellm.paths import root
+
+    cells = json.loads((root() / "notebooks" / "10_qlora.ipynb").read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells)
+
+
+def test_lesson_10_reads_loftq_as_recorded():
+    from edgellm.lessons import lora as L
+    from edgellm.results import load_sweep
+
+    lq, q, lo = (load_sweep(n)["records"] for n in ("10_loftq", "10_qlora", "09_task"))
+    if not (lq and q and lo):
+        pytest.skip("not recorded")
+    text = _lesson_10_text()
+    a, b = lq[0], q[0]
+    d, se = a["accuracy"] - b["accuracy"], L.se_bound(a["accuracy_se"], b["accuracy_se"])
+    assert L.reading(d, se) == "not resolved"
+    assert f"+{100 * d:.1f} ± {100 * se:.1f} points, not resolved" in text
+    for r in (a, b):
+        assert f"{100 * r['accuracy']:.1f} % ± {100 * r['accuracy_se']:.1f}" in text
+    assert f"first step's loss is {a['loss_first']:.2f} with LoftQ against {b['loss_first']:.2f}" in text
+    assert f"(LoRA on\nthe fp32 base: {lo[0]['loss_first']:.2f})" in text
+    won = (b["loss_first"] - a["loss_first"]) / (b["loss_first"] - lo[0]["loss_first"])
+    assert 0.6 < won < 0.72 and "about two thirds" in text

@@ -11,6 +11,7 @@ bound they put on a GGUF file.
     edgellm export --adapter adapters/funccall --merge --type Q8_0 --out build/merged-q8.gguf
     edgellm bench-runtime --runtime llamacpp --model build/smollm2-f32.gguf --threads 1 --json
     edgellm bench-runtime --runtime torch --threads 2 --prompt-tokens 128 --gen-tokens 128 --json
+    edgellm export --from-quantized build/gptq-w4g32 --format gguf --out build/gptq-q4_0.gguf
     edgellm roofline --threads 1 --json
     edgellm roofline --threads 2 --model build/smollm2-f32.gguf --position 128 --json
 
@@ -44,6 +45,9 @@ def add_parsers(sub) -> None:
                    help="with --adapter: merge it into the model and export the merged model")
     p.add_argument("--format", default="gguf", choices=["gguf"])
     p.add_argument("--type", default="F32", help="F32, F16, BF16 or Q8_0")
+    p.add_argument("--from-quantized", metavar="DIR",
+                   help="a folder of `edgellm quantize --out` (4-bit g32 sym/asym, 8-bit g32 sym): "
+                        "its codes and scales written into Q4_0 / Q4_1 / Q8_0 blocks bit for bit")
     p.add_argument("--out", required=True, help="the GGUF file to write")
     add_json_arg(p)
     p.set_defaults(func=run_export)
@@ -77,6 +81,13 @@ def run_export(args) -> dict:
     from edgellm.errors import EdgeLLMError
 
     check_model_name(args.model)
+    if args.from_quantized:
+        if args.adapter:
+            raise EdgeLLMError("--from-quantized exports a quantized model; drop --adapter")
+        check_in_dir(args.from_quantized, "--from-quantized", what="a quantized model "
+                     "(edgellm quantize --out)")
+        check_out_file(args.out, "--out")
+        return export(out=args.out, from_quantized=args.from_quantized, progress=not args.json)
     if args.merge and not args.adapter:
         raise EdgeLLMError("--merge merges an adapter: give --adapter DIR too")
     check_type(args.type, adapter=bool(args.adapter) and not args.merge)

@@ -17,9 +17,13 @@ import torch
 
 
 def export(model_name: str | None = None, *, out, adapter=None, merge: bool = False,
-           qtype: str = "F32", progress: bool = False) -> dict:
+           qtype: str = "F32", from_quantized=None, progress: bool = False) -> dict:
     """The record of ``edgellm export --format gguf``: ``model_name`` (or its ``adapter``, or the
-    adapter merged into it) written to ``out`` with llama.cpp's converters."""
+    adapter merged into it) written to ``out`` with llama.cpp's converters; or, with
+    ``from_quantized`` (a folder of ``edgellm quantize --out``), our codes and scales written
+    into GGUF blocks bit for bit (:mod:`edgellm.deploy.gguf_blocks`)."""
+    if from_quantized is not None:
+        return export_quantized(from_quantized, out=out, progress=progress)
     from edgellm.deploy.export import (
         adapter_to_gguf,
         check_type,
@@ -147,6 +151,60 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
         "decode-bound", threads=threads, position=position)
     check_speed_keys(rec)
     return {**record(rec, protocol="runtime", data=data), "threads": threads}
+
+
+def export_quantized(folder, *, out, progress: bool = False) -> dict:
+    """A quantized model saved by ``edgellm quantize --out`` as a GGUF of llama.cpp blocks."""
+    from edgellm.deploy.export import gguf_bpw, model_to_gguf, tensor_types
+    from edgellm.deploy.gguf_blocks import (
+        as_block_qtensor,
+        block_type,
+        check_blocks,
+        gguf_names,
+        permute_rows,
+        rope_row_order,
+        write_blocks,
+    )
+    from edgellm.deploy.llamacpp import LlamaCppError
+    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.quant.gguf_formats import to_gguf_bytes
+    from edgellm.quant.save import load_quantized
+    from edgellm.records import record
+
+    t0 = time.perf_counter()
+    model, tok, qtensors = load_quantized(folder)
+    if tok is None:
+        tok = load_model(DEFAULT_MODEL, quiet=True)[1]
+    names = gguf_names(model)
+    plain = sorted(set(names) - set(qtensors))
+    if plain:
+        raise LlamaCppError(f"{folder}: {len(plain)} linears are not quantized ({plain[0]} …); "
+                            "an export of our quantizer writes every linear in its blocks")
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    blocks, kinds = {}, {}
+    for name, qt in qtensors.items():
+        kinds[names[name]] = kind = block_type(qt)
+        b = as_block_qtensor(qt)
+        if name.endswith("q_proj"):
+            b = permute_rows(b, rope_row_order(qt.shape[0], heads))
+        elif name.endswith("k_proj"):
+            b = permute_rows(b, rope_row_order(qt.shape[0], cfg.num_key_value_heads or heads))
+        blocks[names[name]] = (kind, to_gguf_bytes(b))
+    with tempfile.TemporaryDirectory(prefix="edgellm-gguf-") as tmp:
+        f32 = model_to_gguf(model, tok, Path(tmp) / "f32.gguf")
+        path = write_blocks(f32, out, blocks)
+        try:
+            n_blocks = check_blocks(path, f32, list(blocks))
+        except LlamaCppError:
+            path.unlink(missing_ok=True)
+            raise
+    types = tensor_types(path)
+    rec = {"from_quantized": str(folder), "format": "gguf", "out": str(path),
+           "type": "+".join(sorted(set(kinds.values()))), "size_bytes": path.stat().st_size,
+           "bpw": gguf_bpw(path), "tensor_types": types, "n_linear": len(blocks),
+           "blocks_checked": n_blocks, "seconds": time.perf_counter() - t0}
+    return record(rec, protocol="export", data=None)
 
 
 def merged(model, adapter):

@@ -117,20 +117,61 @@ def llamacpp_tokenize(gguf: str | os.PathLike, text: str, *, special: bool = Fal
     return vocab.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def extra_buffer_types_safe() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types (weights repacked for AMX or
+    interleaved AVX kernels).  On CPUs that report AMX, llama-cpp-python 0.3.36 crashes
+    (SIGSEGV) on the first matmul of any quantized GGUF through the AMX buffer type (upstream:
+    ggml-org/llama.cpp#20824, "segfault in ggml_backend_amx_mul_mat"), so there we turn them off:
+    the plain CPU kernels run the same types, a little slower."""
+    return not ({"amx_int8", "amx_tile"} & cpu_flags())
+
+
+def open_llama(path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, with llama.cpp's extra buffer types off
+    where :func:`extra_buffer_types_safe` says so (a model parameter the ``Llama`` constructor
+    does not expose, so its default parameters are wrapped for the duration of the load)."""
+    import llama_cpp.llama_cpp as C
+    from llama_cpp import Llama
+
+    if extra_buffer_types_safe():
+        return Llama(model_path=str(path), **kwargs)
+    default = C.llama_model_default_params
+
+    def without_extra_bufts():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    C.llama_model_default_params = without_extra_bufts
+    try:
+        return Llama(model_path=str(path), **kwargs)
+    finally:
+        C.llama_model_default_params = default
+
+
 def llamacpp_greedy(gguf, prompts: list[list[int]], *, eos: int, lora=None,
                     max_new_tokens: int = 16, threads: int = 1, n_ctx: int = 1024,
                     progress: bool = False) -> list[list[int]]:
     """Greedy continuations of token-id ``prompts`` by llama.cpp (llama-cpp-python), one prompt
     at a time, stopped at ``eos`` (not included) or after ``max_new_tokens``.  ``lora``: a GGUF
     LoRA applied at run time on ``gguf`` (``lora_path``, scale 1)."""
-    from llama_cpp import Llama
-
     for f in (gguf, lora):
         if f is not None and not Path(f).is_file():
             raise LlamaCppError(f"{f}: no such GGUF file")
     try:
-        llm = Llama(model_path=str(gguf), lora_path=None if lora is None else str(lora),
-                    n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads, verbose=False)
+        llm = open_llama(gguf, lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
+                         n_batch=min(512, n_ctx), n_threads=threads, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise LlamaCppError(f"llama.cpp could not load {gguf}"
                             + ("" if lora is None else f" with the LoRA {lora}")

@@ -41,11 +41,11 @@ def _median(xs):
 def bench_llamacpp(gguf, ids: list[int], *, gen_tokens: int = 128, threads: int = 1,
                    repeats: int = 3) -> dict:
     """llama.cpp (llama-cpp-python) on ``gguf``: load, prefill and decode timings."""
-    from llama_cpp import Llama
+    from edgellm.deploy.llamacpp import extra_buffer_types_safe, open_llama
 
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + gen_tokens + 8, n_batch=len(ids),
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = open_llama(gguf, n_ctx=len(ids) + gen_tokens + 8, n_batch=len(ids),
+                     n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
     runs = []
     try:
@@ -62,7 +62,9 @@ def bench_llamacpp(gguf, ids: list[int], *, gen_tokens: int = 128, threads: int 
             runs.append((stamps[0], stamps[-1] - stamps[0], out))
     finally:
         llm.close()
-    return _summary(runs, load_s, len(ids), gen_tokens)
+    out = _summary(runs, load_s, len(ids), gen_tokens)
+    out["llamacpp_extra_buffer_types"] = extra_buffer_types_safe()
+    return out
 
 
 @torch.inference_mode()
