@@ -210,6 +210,14 @@ def test_an_rtn_model_exports_to_q4_0_and_llamacpp_runs_it(tmp_path, capsys):
     theirs = bench_llamacpp(out, ids, gen_tokens=8, repeats=1)["generated_ids"]
     ours = bench_torch(model, ids, gen_tokens=8, repeats=1)["generated_ids"]
     assert theirs[:4] == ours[:4]          # later tokens may part: llama.cpp rounds activations
+    ppl = {}
+    for runtime, model_arg in (("llamacpp", str(out)), ("torch", str(q))):
+        assert main(["ppl", "--runtime", runtime, "--model", model_arg, "--protocol", "llamacpp",
+                     "--chunks", "2", "--json"]) == 0
+        ppl[runtime] = json.loads(capsys.readouterr().out)
+    assert ppl["llamacpp"]["n_tokens"] == ppl["torch"]["n_tokens"] == 510
+    # the same codes in llama.cpp's kernels: within 0.5 % (it rounds activations to 8 bits)
+    assert ppl["llamacpp"]["ppl"] == pytest.approx(ppl["torch"]["ppl"], rel=5e-3)
     g64 = tmp_path / "g64"
     assert main(["quantize", "--method", "rtn", "--bits", "4", "--group-size", "64", "--out",
                  str(g64), "--json"]) == 0
@@ -217,3 +225,13 @@ def test_an_rtn_model_exports_to_q4_0_and_llamacpp_runs_it(tmp_path, capsys):
     assert main(["export", "--from-quantized", str(g64), "--out", str(tmp_path / "x.gguf")]) == 2
     assert "no exact GGUF block" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.fast
+def test_a_quantized_folder_is_not_loaded_as_plain_weights(tmp_path):
+    from edgellm.models import ModelUnavailable, load_model
+
+    (tmp_path / "quant_config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelUnavailable, match="quantized model"):
+        load_model(str(tmp_path))

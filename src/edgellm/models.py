@@ -368,6 +368,11 @@ def save_derived(name: str, model, tokenizer, /, **about) -> Path:
 def _load_folder(folder: Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (folder / "quant_config.json").is_file():   # its linears are packed codes, not weights
+        raise ModelUnavailable(f"{folder} is a quantized model saved by `edgellm quantize --out`; "
+                               "load it with edgellm.quant.save.load_quantized (the ppl and kl "
+                               "commands do)")
+
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tok

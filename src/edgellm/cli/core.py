@@ -28,6 +28,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("ppl", help="perplexity of a model on a corpus under a named protocol")
     add_model_arg(p)
     p.add_argument("--stride", type=int, help="sliding protocol: step between windows (ctx/2)")
+    _add_runtime_args(p)
     add_eval_args(p)
     p.set_defaults(func=ppl)
 
@@ -35,8 +36,56 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="the model to compare")
     p.add_argument("--reference", default=DEFAULT_MODEL)
     p.add_argument("--stride", type=int, help="sliding protocol: step between windows (ctx/2)")
+    _add_runtime_args(p)
     add_eval_args(p)
     p.set_defaults(func=kl)
+
+
+def _add_runtime_args(p) -> None:
+    p.add_argument("--runtime", default="torch", choices=["torch", "llamacpp"],
+                   help="llamacpp: --model is a GGUF file evaluated by llama.cpp itself "
+                        "(llama-cpp-python), same tokens, protocols and keys")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (--runtime llamacpp)")
+
+
+def _load(args, name: str, quiet: bool):
+    """The model to evaluate: a PyTorch model, or with ``--runtime llamacpp`` a GGUF file run
+    by llama.cpp (the tokenizer then comes from the default model, checked against the file's)."""
+    if args.runtime == "torch":
+        return load_any(name, quiet=quiet)
+    from edgellm.deploy.apply import llamacpp_model
+
+    return llamacpp_model(name, ctx=args.ctx, threads=args.threads)
+
+
+def load_any(name: str, *, quiet: bool = False):
+    """``load_model``, or for a folder of ``edgellm quantize --out`` its simulated model
+    (``load_quantized``) with the default model's tokenizer when none was saved."""
+    from pathlib import Path
+
+    from edgellm.models import load_model
+
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "quant_config.json").is_file():
+        from edgellm.quant.save import load_quantized
+
+        model, tok, _ = load_quantized(path)
+        return model, tok or load_model(DEFAULT_MODEL, quiet=True)[1]
+    return load_model(name, quiet=quiet)
+
+
+def _check_runtime(args) -> None:
+    from edgellm.cli.common import UsageError, check_in_file
+
+    if args.runtime == "llamacpp":
+        check_in_file(args.model, "GGUF file", suffix=".gguf")
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: give a positive number")
+        if args.protocol == "sliding":
+            raise UsageError("--runtime llamacpp evaluates whole windows from an empty cache: use "
+                             "--protocol gptq or llamacpp")
+    else:
+        check_model_name(args.model)
 
 
 def info(args) -> dict:
@@ -74,14 +123,14 @@ def _eval_kwargs(args) -> dict:
 def ppl(args) -> dict:
     from edgellm.measure import peak_rss_bytes
     from edgellm.metrics import evaluate_ppl
-    from edgellm.models import load_model
 
-    check_model_name(args.model)
+    _check_runtime(args)
     check_eval_args(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, quiet=args.json)
+    model, tok = _load(args, args.model, quiet=args.json)
     load_s = time.perf_counter() - t0
     rec = evaluate_ppl(model, tok, args.data, **_eval_kwargs(args))
+    rec["runtime"] = args.runtime
     rec.update(seconds_load=load_s, peak_rss_bytes=peak_rss_bytes())
     return rec
 
@@ -89,16 +138,16 @@ def ppl(args) -> dict:
 def kl(args) -> dict:
     from edgellm.measure import peak_rss_bytes
     from edgellm.metrics import evaluate_kl
-    from edgellm.models import load_model
 
-    check_model_name(args.model)
+    _check_runtime(args)
     check_model_name(args.reference, "--reference")
     check_eval_args(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, quiet=args.json)
+    model, tok = _load(args, args.model, quiet=args.json)
     load_s = time.perf_counter() - t0
-    ref, _ = load_model(args.reference, quiet=args.json)
+    ref, _ = load_any(args.reference, quiet=args.json)
     rec = evaluate_kl(model, ref, tok, args.data, reference_name=args.reference,
                       **_eval_kwargs(args))
+    rec["runtime"] = args.runtime
     rec.update(seconds_load=load_s, peak_rss_bytes=peak_rss_bytes())
     return rec

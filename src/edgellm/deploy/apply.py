@@ -207,6 +207,27 @@ def export_quantized(folder, *, out, progress: bool = False) -> dict:
     return record(rec, protocol="export", data=None)
 
 
+def llamacpp_model(gguf, *, ctx: int = 512, threads: int = 1):
+    """``(model, tokenizer)`` for the course's evaluation of a GGUF file by llama.cpp: a
+    :class:`~edgellm.deploy.llamacpp.LlamaCppLM` and the default model's tokenizer, after
+    checking that llama.cpp tokenizes a sample text to the same ids (else the tokens scored
+    would not be the file's)."""
+    from edgellm.deploy.llamacpp import LlamaCppError, LlamaCppLM, llamacpp_tokenize
+    from edgellm.models import DEFAULT_MODEL, load_model
+
+    _, tok = load_model(DEFAULT_MODEL, quiet=True)
+    sample = "def join(a, *p):\n    \"\"\"Join two or more pathname components.\"\"\"\n"
+    try:
+        theirs = llamacpp_tokenize(gguf, sample)
+    except (ValueError, RuntimeError) as e:
+        raise LlamaCppError(f"llama.cpp could not read {gguf} ({e}); is it a complete GGUF "
+                            "file?") from None
+    if theirs != tok(sample, add_special_tokens=False)["input_ids"]:
+        raise LlamaCppError(f"{gguf}: its tokenizer is not {DEFAULT_MODEL}'s; evaluate it with "
+                            "its own tokenizer (not supported here)")
+    return LlamaCppLM(gguf, n_ctx=ctx, threads=threads), tok
+
+
 def merged(model, adapter):
     """``model`` with the peft ``adapter`` merged into its weights (``W + s B A``)."""
     from peft import PeftModel

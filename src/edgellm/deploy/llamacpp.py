@@ -18,6 +18,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from edgellm.errors import EdgeLLMError
 from edgellm.models import cache_dir
 
@@ -199,3 +201,39 @@ def llamacpp_greedy(gguf, prompts: list[list[int]], *, eos: int, lora=None,
     finally:
         llm.close()
     return out
+
+
+class LlamaCppLM(torch.nn.Module):
+    """llama.cpp (llama-cpp-python) as a function of token ids to logits, so that the course's
+    evaluation (:func:`edgellm.metrics.perplexity`, :func:`~edgellm.metrics.evaluate_paired`)
+    runs on a GGUF file exactly as on a PyTorch model: each row of ``ids`` is evaluated from an
+    empty KV cache in one batch, and the logits of every position come back as a float32 tensor.
+    """
+
+    def __init__(self, gguf, *, n_ctx: int = 512, threads: int = 1):
+        super().__init__()
+        if not Path(gguf).is_file():
+            raise LlamaCppError(f"{gguf}: no such GGUF file")
+        self.n_ctx = n_ctx
+        try:
+            self.llm = open_llama(gguf, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                  n_threads=threads, n_threads_batch=threads, logits_all=True,
+                                  verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise LlamaCppError(f"llama.cpp could not load {gguf} ({e}); is it a complete "
+                                "GGUF file?") from None
+
+    def forward(self, ids):
+        import numpy as np
+
+        rows = []
+        for row in ids:
+            if len(row) > self.n_ctx:
+                raise LlamaCppError(f"a window of {len(row)} tokens exceeds n_ctx={self.n_ctx}")
+            self.llm.reset()
+            self.llm.eval([int(t) for t in row])
+            rows.append(torch.from_numpy(np.array(self.llm.scores[:len(row)], dtype=np.float32)))
+        return torch.stack(rows)
+
+    def close(self) -> None:
+        self.llm.close()
