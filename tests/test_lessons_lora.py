@@ -115,3 +115,35 @@ def test_lesson_09_reads_targets_and_rank_as_recorded():
     d = by_rank[32]["accuracy"] - by_rank[8]["accuracy"]
     se = L.se_bound(by_rank[32]["accuracy_se"], by_rank[8]["accuracy_se"])
     assert L.reading(d, se) == "not resolved" and f"+{100 * d:.1f} ± {100 * se:.1f} over rank 8" in text
+
+
+def test_lesson_09_reads_variants_and_learning_rate_as_recorded():
+    import json
+
+    from edgellm.paths import root
+    from edgellm.results import load_sweep
+
+    v, lr, task = (load_sweep(n)["records"] for n in ("09_variants", "09_lr", "09_task"))
+    if not (v and lr and task):
+        pytest.skip("not recorded")
+    cells = json.loads((root() / "notebooks" / "09_lora.ipynb").read_text())["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells)
+    head = task[0]
+
+    def diff(r):
+        return r["accuracy"] - head["accuracy"], L.se_bound(r["accuracy_se"], head["accuracy_se"])
+
+    by_lr = {r["lr"]: r for r in lr}
+    d, se = diff(by_lr[3e-3])
+    assert L.reading(d, se) == "higher" and f"+{100 * d:.1f} ± {100 * se:.1f}" in text
+    assert f"**{100 * by_lr[3e-3]['accuracy']:.1f} % ± {100 * by_lr[3e-3]['accuracy_se']:.1f}**" in text
+    for low in (1e-4, 3e-4):
+        assert L.reading(*diff(by_lr[low])) == "lower"
+        assert f"{100 * by_lr[low]['accuracy']:.1f} %" in text
+    named = {("rslora" if r.get("rslora") else r["method"]): r for r in v}
+    for key in ("rslora", "dora", "pissa"):
+        d, se = diff(named[key])
+        assert L.reading(d, se) == "not resolved"
+        assert f"+{100 * d:.1f} ± {100 * se:.1f}" in text and f"{100 * named[key]['accuracy']:.1f} %" in text
+    extra = named["dora"]["trainable_params"] - head["trainable_params"]
+    assert f"{extra:,} parameters" in text
