@@ -129,3 +129,41 @@ def test_lesson_10_reads_loftq_as_recorded():
     assert f"(LoRA on\nthe fp32 base: {lo[0]['loss_first']:.2f})" in text
     won = (b["loss_first"] - a["loss_first"]) / (b["loss_first"] - lo[0]["loss_first"])
     assert 0.6 < won < 0.72 and "about two thirds" in text
+
+
+def test_lesson_10_reads_the_merge_record_right():
+    from edgellm.lessons import lora as L
+    from edgellm.results import load_sweep
+
+    recs = load_sweep("10_merge")["records"]
+    if not recs:
+        pytest.skip("not recorded")
+    r, text = recs[0], _lesson_10_text()
+    fp32, nf4 = r["merged"]["fp32"], r["merged"]["nf4"]
+    v = fp32["vs_unmerged"]
+    assert L.reading(v["delta"], v["delta_se"]) == "lower" and abs(v["delta"]) < 3 * v["delta_se"]
+    assert "just past two standard errors" in text
+    assert f"{100 * fp32['accuracy']:.1f} % against {100 * r['accuracy']:.1f} %, four items" in text
+    assert v["n_changed"] == 4 and f"{100 * v['delta']:.1f} ± {100 * v['delta_se']:.1f}".replace("-", "−") in text
+    assert nf4["accuracy"] == 0.0 and f"only {100 * nf4['format_valid']:.0f} % are even valid" in text
+    assert f"answer perplexity {nf4['ppl']:.1f} against {r['ppl']:.2f}" in text
+    assert f"{nf4['requant_rel_err_median']:.2f} times the update" in text
+
+
+def test_lesson_10_reads_the_llamacpp_record_right():
+    from edgellm.results import load_sweep
+
+    recs, head = load_sweep("10_gguf")["records"], load_sweep("09_task")["records"]
+    if not (recs and head):
+        pytest.skip("not recorded")
+    r, text = recs[0], _lesson_10_text()
+    assert r["accuracy"] == head[0]["accuracy"]                     # the headline reproduces
+    n = r["n_test"]
+    for key, how in (("llamacpp", "as a GGUF LoRA"), ("llamacpp_merged", "merged")):
+        v = r[key]
+        assert v["token_agreement"] >= 0.9 and v["answer_changed"] == 0
+        assert v["accuracy"] == v["accuracy_torch"] == r["accuracy"]
+        assert f"**{n - v['n_diverged']} of {n}** prompts {how}" in text.replace("\n", " ") \
+            or f"**{n - v['n_diverged']} of {n}** {how}" in text.replace("\n", " ")
+        assert f"({100 * v['token_agreement']:.1f} %)" in text
+    assert f"{r['llamacpp']['adapter_gguf_bytes'] / 2 ** 20:.1f} MiB" in text
