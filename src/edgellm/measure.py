@@ -310,6 +310,18 @@ def prefill_tokens_per_s(model: torch.nn.Module, tokens: torch.Tensor, ctx: int 
                 warmup=warmup)}}
 
 
+def best_seconds(fn, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn()``, after one untimed call (pages in the
+    data, spins up the threads): a floor for micro-benchmarks, where noise only adds time."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def timed(fn, *args, **kwargs):
     """``(result, seconds)`` of one call."""
     t0 = time.perf_counter()

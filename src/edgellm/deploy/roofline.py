@@ -21,10 +21,11 @@ STREAM does.  Peak compute is the best of several large matmuls (fp32, and int8 
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 
 import torch
+
+from edgellm.measure import best_seconds
 
 METHOD = {
     "bandwidth_bytes_per_s": "read-only sum over a {mib} MiB fp32 array, best of {repeats}",
@@ -46,22 +47,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _best(fn, repeats: int) -> float:
-    fn()                                                   # warm-up: page in, spin up threads
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _bandwidths(numel: int, repeats: int) -> dict:
     a, b, c = (torch.rand(numel) for _ in range(3))
     nbytes = numel * 4
-    return {"bandwidth_bytes_per_s": nbytes / _best(lambda: a.sum(), repeats),
-            "copy_bytes_per_s": 2 * nbytes / _best(lambda: a.copy_(b), repeats),
-            "triad_bytes_per_s": 3 * nbytes / _best(lambda: torch.add(b, c, alpha=3.0, out=a),
+    return {"bandwidth_bytes_per_s": nbytes / best_seconds(lambda: a.sum(), repeats),
+            "copy_bytes_per_s": 2 * nbytes / best_seconds(lambda: a.copy_(b), repeats),
+            "triad_bytes_per_s": 3 * nbytes / best_seconds(lambda: torch.add(b, c, alpha=3.0, out=a),
                                                     repeats)}
 
 
@@ -75,10 +66,10 @@ def measure(*, threads: int | None = None, mib: int = 512, n: int = 1024,
     try:
         out = _bandwidths(mib * 2 ** 20 // 4, repeats)
         x, y = torch.randn(n, n), torch.randn(n, n)
-        out["peak_flops"] = 2 * n ** 3 / _best(lambda: x @ y, repeats)
+        out["peak_flops"] = 2 * n ** 3 / best_seconds(lambda: x @ y, repeats)
         try:
             qi = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-            out["peak_int8_ops"] = 2 * n ** 3 / _best(lambda: torch._int_mm(qi, qi), repeats)
+            out["peak_int8_ops"] = 2 * n ** 3 / best_seconds(lambda: torch._int_mm(qi, qi), repeats)
         except (RuntimeError, AttributeError):             # no int8 matmul in this build
             out["peak_int8_ops"] = None
         out.update(threads=torch.get_num_threads(), cpu=cpu_name(),

@@ -13,10 +13,10 @@
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
+from edgellm.measure import best_seconds
 from edgellm.prune.layers import prunable_linears
 
 
@@ -71,13 +71,7 @@ def matmul_speed(shape=(1536, 576), *, sparsity: float = 0.5, n_tokens: int = 51
     Wcsr = Wz.to_sparse_csr()
 
     def best(fn):
-        fn()
-        t = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
+        return best_seconds(fn, repeats)
 
     return {"shape": list(shape), "sparsity": sparsity, "n_tokens": n_tokens,
             "dense_s": best(lambda: X @ W.T), "dense_with_zeros_s": best(lambda: X @ Wz.T),
