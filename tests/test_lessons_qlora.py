@@ -167,3 +167,26 @@ def test_lesson_10_reads_the_llamacpp_record_right():
             or f"**{n - v['n_diverged']} of {n}** {how}" in text.replace("\n", " ")
         assert f"({100 * v['token_agreement']:.1f} %)" in text
     assert f"{r['llamacpp']['adapter_gguf_bytes'] / 2 ** 20:.1f} MiB" in text
+
+
+def test_lesson_10_reads_the_qalora_record_right():
+    from edgellm.lessons import lora as L
+    from edgellm.results import load_sweep
+
+    recs = {r["method"]: r for r in load_sweep("10_qalora")["records"]}
+    if not recs:
+        pytest.skip("not recorded")
+    text, qa, plain = _lesson_10_text(), recs["qalora"], recs["int4-lora"]
+    on_grid, exact = qa["merged"]["int4"], qa["merged"]["int4_offsets_fp32"]
+    assert on_grid["changed_codes_median"] == 0 and exact["vs_unmerged"]["n_changed"] == 0
+    assert f"by {exact['requant_rel_err_median']:.0e}".replace("e-0", "e−") in text
+    assert f"({on_grid['requant_rel_err_median']:.2f})" in text
+    v = on_grid["vs_unmerged"]
+    assert L.reading(v["delta"], v["delta_se"]) == "not resolved"
+    assert f"only {v['n_changed']} items change" in text
+    assert f"({100 * v['delta']:.1f} ± {100 * v['delta_se']:.1f} points)".replace("-", "−") in text
+    p = plain["merged"]["int4"]
+    assert f"{100 * plain['accuracy']:.1f} % → {100 * p['accuracy']:.1f} %" in text
+    assert f"{100 * p['vs_unmerged']['delta']:.1f} ± {100 * p['vs_unmerged']['delta_se']:.1f}, {p['vs_unmerged']['n_changed']} items".replace("-", "−") in text
+    assert f"**QA-LoRA reaches only {100 * qa['accuracy']:.1f} % ± {100 * qa['accuracy_se']:.1f}**" in text
+    assert f"{qa['loss_last']:.2f} against {plain['loss_last']:.2f}" in text
