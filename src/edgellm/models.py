@@ -267,6 +267,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     return model.eval(), tok
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL, *, quiet: bool = False):
+    """The tokenizer of a registry model, without loading its weights (the one
+    :func:`load_model` returns with them)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_cached(name, quiet=quiet), trust_remote_code=False)
+
+
 def _cached_ok(folder: Path, name: str, *, quiet: bool = False) -> bool:
     """True when ``folder`` holds a cache that matches its manifest; a damaged one is removed
     (and said so), so that the caller rebuilds it."""

@@ -63,14 +63,14 @@ def load_any(name: str, *, quiet: bool = False):
     (``load_quantized``) with the default model's tokenizer when none was saved."""
     from pathlib import Path
 
-    from edgellm.models import load_model
+    from edgellm.models import load_model, load_tokenizer
 
     path = Path(name).expanduser()
     if path.is_dir() and (path / "quant_config.json").is_file():
         from edgellm.quant.save import load_quantized
 
         model, tok, _ = load_quantized(path)
-        return model, tok or load_model(DEFAULT_MODEL, quiet=True)[1]
+        return model, tok or load_tokenizer(DEFAULT_MODEL, quiet=True)
     return load_model(name, quiet=quiet)
 
 

@@ -97,7 +97,7 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
     from edgellm.deploy.roofline import bytes_per_token, decode_bound, measure
     from edgellm.deploy.runtime import bench_llamacpp, bench_torch, prompt_ids
     from edgellm.measure import check_speed_keys, peak_rss_bytes, protocol
-    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.models import DEFAULT_MODEL, load_model, load_tokenizer
     from edgellm.records import record
 
     if runtime not in RUNTIMES:
@@ -110,8 +110,7 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
     try:
         position = prompt_tokens + gen_tokens // 2           # the mean position of a decode step
         if runtime == "llamacpp":
-            _, tok = load_model(DEFAULT_MODEL, quiet=True)   # the tokenizer of the prompt
-            del _
+            tok = load_tokenizer(DEFAULT_MODEL, quiet=True)  # the tokenizer of the prompt
             ids = prompt_ids(tok, prompt_tokens, data=data)
             res = bench_llamacpp(model, ids, gen_tokens=gen_tokens, threads=threads,
                                  repeats=repeats)
@@ -166,7 +165,7 @@ def export_quantized(folder, *, out, progress: bool = False) -> dict:
         write_blocks,
     )
     from edgellm.deploy.llamacpp import LlamaCppError
-    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.models import DEFAULT_MODEL, load_tokenizer
     from edgellm.quant.gguf_formats import to_gguf_bytes
     from edgellm.quant.save import load_quantized
     from edgellm.records import record
@@ -174,7 +173,7 @@ def export_quantized(folder, *, out, progress: bool = False) -> dict:
     t0 = time.perf_counter()
     model, tok, qtensors = load_quantized(folder)
     if tok is None:
-        tok = load_model(DEFAULT_MODEL, quiet=True)[1]
+        tok = load_tokenizer(DEFAULT_MODEL, quiet=True)
     names = gguf_names(model)
     plain = sorted(set(names) - set(qtensors))
     if plain:
@@ -213,9 +212,9 @@ def llamacpp_model(gguf, *, ctx: int = 512, threads: int = 1):
     checking that llama.cpp tokenizes a sample text to the same ids (else the tokens scored
     would not be the file's)."""
     from edgellm.deploy.llamacpp import LlamaCppError, LlamaCppLM, llamacpp_tokenize
-    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.models import DEFAULT_MODEL, load_tokenizer
 
-    _, tok = load_model(DEFAULT_MODEL, quiet=True)
+    tok = load_tokenizer(DEFAULT_MODEL, quiet=True)
     sample = "def join(a, *p):\n    \"\"\"Join two or more pathname components.\"\"\"\n"
     try:
         theirs = llamacpp_tokenize(gguf, sample)
