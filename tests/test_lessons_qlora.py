@@ -184,7 +184,7 @@ def test_lesson_10_reads_the_qalora_record_right():
     v = on_grid["vs_unmerged"]
     assert L.reading(v["delta"], v["delta_se"]) == "not resolved"
     assert f"only {v['n_changed']} items change" in text
-    assert f"({100 * v['delta']:.1f} ± {100 * v['delta_se']:.1f} points)".replace("-", "−") in text
+    assert f"({100 * v['delta']:.1f} ± {100 * v['delta_se']:.1f} points, not resolved)".replace("-", "−") in text
     p = plain["merged"]["int4"]
     assert f"{100 * plain['accuracy']:.1f} % → {100 * p['accuracy']:.1f} %" in text
     assert f"{100 * p['vs_unmerged']['delta']:.1f} ± {100 * p['vs_unmerged']['delta_se']:.1f}, {p['vs_unmerged']['n_changed']} items".replace("-", "−") in text
