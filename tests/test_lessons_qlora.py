@@ -9,8 +9,6 @@ from edgellm.lessons import qlora as Q
 from edgellm.models import linear_layers
 from edgellm.quant.size import nf4_bytes
 
-pytestmark = pytest.mark.fast
-
 
 def test_base_memory_counts_linears_in_nf4_and_the_rest_once():
     m = tiny_llama()
@@ -63,6 +61,7 @@ def test_merges_exact_in_fp32_and_rounded_in_nf4():
 
 
 @pytest.mark.integration
+@pytest.mark.integration  # counts the default model's own parameters
 def test_lesson_10_states_the_savings_it_computes():
     """The summary's 3.5× (7B shape, fp16 base) and 2.4× (this model, fp16 base, half of the NF4
     base in full precision) are what base_memory computes from the default model."""
