@@ -24,7 +24,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c '
   exit 0
 fi
 
-echo "setup: creating $VENV and installing the pinned packages (first time: ~10 min, llama-cpp-python compiles)"
+echo "setup: creating $VENV and installing the pinned packages (first time: ~15 min: llama-cpp-python and llama.cpp's tools compile)"
 [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # torch first, so the resolver keeps this build instead of pulling another (e.g. CUDA) one
@@ -32,5 +32,8 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q -r requirements.lock
 "${pip[@]}" install -q --no-deps -e .
 "$VENV/bin/edgellm" fetch --json >/dev/null
+# llama.cpp's tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) from the
+# llama-cpp-python sdist's source, built once into the cache (~5 min on 2 cores)
+"$VENV/bin/python" -m edgellm.deploy.llamacpp_quant
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -33,6 +33,13 @@ SPEED_PROTOCOLS = {
     "decode-bound": "not a timing: the roofline ceiling on decode, read bandwidth (a read-only "
                     "sum over arrays far above the last-level cache, at `threads` threads) / "
                     "bytes read per decoded token at KV-cache `position`",
+    "prefill-bound": "not a timing: the compute ceiling on prefill, peak matmul FLOP/s (fp32 "
+                     "`torch.mm` of two n x n matrices at `threads` threads) / 2 FLOPs per "
+                     "weight per token",
+    "llama-bench-pp": "llama.cpp's llama-bench: one `prompt_tokens` prompt at batch `prompt_tokens`"
+                      " from an empty cache, tokens / seconds, mean of `repeats` runs",
+    "llama-bench-tg": "llama.cpp's llama-bench: `gen_tokens` single-token steps from an empty "
+                      "cache (no prompt), tokens / seconds, mean of `repeats` runs",
     "decode": "greedy generation at batch 1 with the KV cache after an untimed `prompt_tokens` "
               "prompt and `warmup` untimed steps; median of `repeats` runs of `new_tokens` steps "
               "(memory- and overhead-bound)",

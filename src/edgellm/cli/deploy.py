@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 
 from edgellm.cli.common import (
+    add_eval_args,
     add_json_arg,
     add_model_arg,
     check_in_dir,
@@ -44,12 +45,28 @@ def add_parsers(sub) -> None:
     p.add_argument("--merge", action="store_true",
                    help="with --adapter: merge it into the model and export the merged model")
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument("--type", default="F32", help="F32, F16, BF16 or Q8_0")
+    p.add_argument("--type", default="F32",
+                   help="F32, F16, BF16, Q8_0 (the converter) or one of llama.cpp's types made by "
+                        "llama-quantize: Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, "
+                        "IQ4_NL, IQ4_XS, Q3_K_M, Q3_K_S, IQ3_XXS, Q2_K, IQ2_XS, IQ2_XXS")
+    imat = p.add_mutually_exclusive_group()
+    imat.add_argument("--imatrix", metavar="FILE", help="an importance matrix from llama-imatrix")
+    imat.add_argument("--calib", help="compute the importance matrix with llama-imatrix on this "
+                                      "corpus's train split (cached)")
+    p.add_argument("--n-samples", type=int, default=128,
+                   help="--calib: windows of 512 tokens the importance matrix averages over")
+    p.add_argument("--token-embedding-type",
+                   help="the tied token embedding's type instead of llama.cpp's choice "
+                        "(e.g. Q8_0, the default model's source type)")
     p.add_argument("--from-quantized", metavar="DIR",
                    help="a folder of `edgellm quantize --out` (4-bit g32 sym/asym, 8-bit g32 sym): "
                         "its codes and scales written into Q4_0 / Q4_1 / Q8_0 blocks bit for bit")
     p.add_argument("--out", required=True, help="the GGUF file to write")
-    add_json_arg(p)
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate the file in llama.cpp against the model in PyTorch (PPL, paired "
+                        "ΔNLL, KL, top-1; a --from-quantized file also against its simulation)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    add_eval_args(p)
     p.set_defaults(func=run_export)
 
     p = sub.add_parser("bench-runtime", help="time one prompt and one greedy generation in a runtime",
@@ -76,21 +93,54 @@ def add_parsers(sub) -> None:
 
 
 def run_export(args) -> dict:
+    from edgellm.cli.common import UsageError, check_eval_args, check_in_file
     from edgellm.deploy.apply import export
     from edgellm.deploy.export import check_type
     from edgellm.errors import EdgeLLMError
 
     check_model_name(args.model)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give a positive number")
+    evaluate = None
+    if args.eval:
+        check_eval_args(args)
+        evaluate = dict(data=args.data, split=args.split, protocol=args.protocol, ctx=args.ctx,
+                        max_tokens=args.max_tokens, chunks=args.chunks, threads=args.threads,
+                        batch_size=args.eval_batch_size, progress=not args.json)
+        if args.protocol == "sliding":
+            raise UsageError("--eval runs llama.cpp on whole windows from an empty cache: use "
+                             "--protocol gptq or llamacpp")
     if args.from_quantized:
         if args.adapter:
             raise EdgeLLMError("--from-quantized exports a quantized model; drop --adapter")
         check_in_dir(args.from_quantized, "--from-quantized", what="a quantized model "
                      "(edgellm quantize --out)")
         check_out_file(args.out, "--out")
-        return export(out=args.out, from_quantized=args.from_quantized, progress=not args.json)
+        return export(out=args.out, from_quantized=args.from_quantized, evaluate=evaluate,
+                      threads=args.threads, progress=not args.json)
     if args.merge and not args.adapter:
         raise EdgeLLMError("--merge merges an adapter: give --adapter DIR too")
-    check_type(args.type, adapter=bool(args.adapter) and not args.merge)
+    if args.n_samples < 1:
+        raise UsageError(f"--n-samples {args.n_samples}: give a positive number")
+    if args.imatrix:
+        check_in_file(args.imatrix, "importance matrix", suffix=None)
+    qtype = check_type(args.type, adapter=bool(args.adapter) and not args.merge,
+                       imatrix=args.imatrix or args.calib)
+    if args.calib:
+        from edgellm.data import load_text
+
+        load_text(args.calib, "train")
+    if args.token_embedding_type:
+        from edgellm.deploy.llamacpp import LlamaCppError
+        from edgellm.deploy.llamacpp_quant import TENSOR_TYPES
+
+        if args.token_embedding_type.upper() not in TENSOR_TYPES:
+            raise LlamaCppError(f"--token-embedding-type {args.token_embedding_type}: use one of "
+                                f"{', '.join(TENSOR_TYPES)}")
+    if (args.imatrix or args.calib or args.token_embedding_type) and qtype in (
+            "F32", "F16", "BF16", "Q8_0"):
+        raise UsageError(f"--imatrix, --calib and --token-embedding-type apply to llama-quantize's "
+                         f"types; --type {qtype} is written by the converter")
     if args.adapter:
         check_in_dir(args.adapter, "--adapter", what="an adapter (edgellm finetune --out)")
         from edgellm.lora.apply import read_adapter_meta
@@ -98,7 +148,10 @@ def run_export(args) -> dict:
         read_adapter_meta(args.adapter)
     check_out_file(args.out, "--out")
     return export(args.model, out=args.out, adapter=args.adapter, merge=args.merge,
-                  qtype=args.type, progress=not args.json)
+                  qtype=qtype, imatrix=args.imatrix, imatrix_calib=args.calib,
+                  imatrix_chunks=args.n_samples, threads=args.threads,
+                  token_embedding_type=args.token_embedding_type, evaluate=evaluate,
+                  progress=not args.json)
 
 
 def run_roofline(args) -> dict:

@@ -94,6 +94,11 @@ def add_parsers(sub) -> None:
     add_calib_args(p)
     add_seed_arg(p)
     p.add_argument("--out", help="save the quantized model (packed codes + scales) to this folder")
+    p.add_argument("--gguf", metavar="FILE",
+                   help="also write the quantized linears into llama.cpp's blocks (4-bit g32 "
+                        "sym → Q4_0, asym → Q4_1, 8-bit g32 sym → Q8_0) as this GGUF file; with "
+                        "--eval, evaluated in llama.cpp too (the record's 'gguf')")
+    p.add_argument("--threads", type=int, help="--gguf --eval: llama.cpp threads")
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity and KL against the unquantized model")
     add_eval_args(p)
@@ -130,7 +135,23 @@ def run(args) -> dict:
         if args.method != "lwc":
             raise QuantError("--save-clips only applies to --method lwc (the learned clipping "
                              "values)")
-    return quantize_record(
+    record = quantize_record
+    if args.gguf:
+        from functools import partial
+
+        from edgellm.deploy.apply import quantize_record_gguf
+        from edgellm.deploy.gguf_blocks import check_block_settings
+
+        check_out_file(args.gguf, "--gguf")
+        check_block_settings(args.method, bits=args.bits, group_size=args.group_size,
+                             sym=args.sym, a_bits=args.a_bits, kv_bits=args.kv_bits)
+        if args.threads is not None and args.threads < 1:
+            raise QuantError(f"--threads {args.threads}: give a positive number")
+        if args.eval and args.protocol == "sliding":
+            raise QuantError("--gguf --eval runs llama.cpp on whole windows from an empty cache: "
+                             "use --protocol gptq or llamacpp")
+        record = partial(quantize_record_gguf, args.gguf, threads=args.threads)
+    return record(
         args.model, method=args.method, bits=args.bits, group_size=args.group_size,
         sym=args.sym, qtype=args.type, bpw_budget=args.bpw_budget, calib=args.calib,
         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, evaluate=args.eval,

@@ -17,14 +17,29 @@ import torch
 
 
 def export(model_name: str | None = None, *, out, adapter=None, merge: bool = False,
-           qtype: str = "F32", from_quantized=None, progress: bool = False) -> dict:
+           qtype: str = "F32", from_quantized=None, imatrix=None, imatrix_calib: str | None = None,
+           imatrix_chunks: int = 128, token_embedding_type: str | None = None,
+           evaluate: dict | None = None, threads: int | None = None,
+           progress: bool = False) -> dict:
     """The record of ``edgellm export --format gguf``: ``model_name`` (or its ``adapter``, or the
-    adapter merged into it) written to ``out`` with llama.cpp's converters; or, with
+    adapter merged into it) written to ``out`` with llama.cpp's converters, or for llama.cpp's
+    own types (``Q4_K_M`` …) converted to F32 and quantized by ``llama-quantize`` (with the
+    importance matrix ``imatrix``, or one computed on ``imatrix_calib``'s train split); or, with
     ``from_quantized`` (a folder of ``edgellm quantize --out``), our codes and scales written
-    into GGUF blocks bit for bit (:mod:`edgellm.deploy.gguf_blocks`)."""
+    into GGUF blocks bit for bit (:mod:`edgellm.deploy.gguf_blocks`).  ``evaluate`` (keyword
+    arguments of :func:`edgellm.metrics.evaluate_paired`) adds the file's PPL, paired ΔNLL, KL
+    and top-1 agreement, computed by llama.cpp, against the model in PyTorch."""
+    from edgellm.deploy.export_quant import (
+        evaluate_gguf,
+        export_quantized,
+        llama_quantize,
+        type_counts,
+    )
+
     if from_quantized is not None:
-        return export_quantized(from_quantized, out=out, progress=progress)
+        return export_quantized(from_quantized, out=out, evaluate=evaluate, progress=progress)
     from edgellm.deploy.export import (
+        CONVERTER_TYPES,
         adapter_to_gguf,
         check_type,
         gguf_bpw,
@@ -36,29 +51,69 @@ def export(model_name: str | None = None, *, out, adapter=None, merge: bool = Fa
     from edgellm.records import record
 
     model_name = model_name or DEFAULT_MODEL
-    check_type(qtype, adapter=adapter is not None and not merge)
+    qtype = check_type(qtype, adapter=adapter is not None and not merge,
+                       imatrix=imatrix or imatrix_calib)
     t0 = time.perf_counter()
     model, tok = load_model(model_name, quiet=not progress)
     if adapter is not None:
         from edgellm.lora.apply import check_adapter_base
 
         check_adapter_base(model, adapter)
+    extra = {}
     if adapter is not None and not merge:
         path = adapter_to_gguf(adapter, model, tok, out, qtype=qtype)
         kind = "lora"
     else:
         if adapter is not None:
             model = merged(model, adapter)
-        path = model_to_gguf(model, tok, out, qtype=qtype)
         kind = "model"
+        if qtype in CONVERTER_TYPES:
+            path = model_to_gguf(model, tok, out, qtype=qtype)
+        else:
+            path, extra = llama_quantize(model, tok, out, qtype, model_name=model_name,
+                                          imatrix=imatrix, imatrix_calib=imatrix_calib,
+                                          imatrix_chunks=imatrix_chunks, threads=threads,
+                                          token_embedding_type=token_embedding_type)
     types = tensor_types(path)
     n_linear = len(linear_layers(model))
     rec = {"model": model_name, "adapter": None if adapter is None else str(adapter),
            "merge": merge, "kind": kind, "format": "gguf", "type": qtype, "out": str(path),
            "size_bytes": path.stat().st_size, "bpw": gguf_bpw(path),
-           "tensor_types": types, "n_tensors": len(types), "n_linear": n_linear,
-           "peak_rss_bytes": peak_rss_bytes(), "seconds": time.perf_counter() - t0}
-    return record(rec, protocol="export", data=None)
+           "tensor_types": types, "type_counts": type_counts(types), "n_tensors": len(types),
+           "n_linear": n_linear, **extra, "seconds_export": time.perf_counter() - t0}
+    if evaluate is not None and kind == "model":
+        rec.update(evaluate_gguf(path, model, tok, **evaluate))
+    rec.update(peak_rss_bytes=peak_rss_bytes(), seconds=time.perf_counter() - t0)
+    return record(rec, protocol=rec.get("protocol", "export"), data=rec.get("data"))
+
+
+def quantize_record_gguf(gguf, model_name: str | None = None, *, out=None,
+                         evaluate: bool = False, eval_settings=None, threads: int | None = None,
+                         **settings) -> dict:
+    """:func:`edgellm.quant.apply.quantize_record`, then the same codes and scales written into
+    llama.cpp's blocks at ``gguf``; with ``evaluate``, the file is also evaluated in llama.cpp on
+    the same tokens (the record's ``gguf``: against the fp32 model, and ``*_vs_simulated``
+    against our simulation of the same codes)."""
+    from edgellm.deploy.export_quant import export_quantized
+    from edgellm.metrics import EvalSettings
+    from edgellm.models import DEFAULT_MODEL
+    from edgellm.quant.apply import quantize_record
+
+    model_name = model_name or DEFAULT_MODEL
+    ev = None
+    if evaluate:
+        ev = {**(eval_settings or EvalSettings()).kwargs(), "threads": threads,
+              "progress": settings.get("progress", False)}
+    with tempfile.TemporaryDirectory(prefix="edgellm-quant-") as tmp:
+        folder = out or Path(tmp) / "quantized"
+        rec = quantize_record(model_name, out=folder, evaluate=evaluate,
+                              eval_settings=eval_settings, **settings)
+        rec["gguf"] = export_quantized(folder, out=gguf, evaluate=ev,
+                                       progress=settings.get("progress", False))
+    if out is None:
+        rec.pop("out", None)
+        rec.pop("file_bytes", None)
+    return rec
 
 
 def roofline(*, threads: int | None = None, size_mib: int = 512, model=None,
@@ -87,15 +142,18 @@ RUNTIMES = ("llamacpp", "torch")
 
 
 def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: int = 128,
-                  gen_tokens: int = 128, repeats: int = 3, data: str = "pydoc") -> dict:
+                  gen_tokens: int = 128, repeats: int = 3, data: str = "pydoc",
+                  with_llama_bench: bool = True) -> dict:
     """The record of ``edgellm bench-runtime``: load, time to first token, prefill and decode
     tokens/s of ``model`` (a GGUF file for ``llamacpp``, a model name or folder for ``torch``)
     on the same prompt ids (:mod:`edgellm.deploy.runtime`), its size and the process's peak RSS,
     then the machine's read bandwidth at the same thread count and the decode bound it gives
-    (``decode_bound_tokens_per_s``, ``fraction_of_bound``)."""
+    (``decode_bound_tokens_per_s``, ``fraction_of_bound``) and the compute bound on prefill
+    (``prefill_bound_tokens_per_s``); for ``llamacpp`` also llama.cpp's own ``llama-bench`` on
+    the same file and thread count (``llama_bench``)."""
     from edgellm.deploy.export import gguf_decode_bytes
     from edgellm.deploy.roofline import bytes_per_token, decode_bound, measure
-    from edgellm.deploy.runtime import bench_llamacpp, bench_torch, prompt_ids
+    from edgellm.deploy.runtime import bench_llamacpp, bench_torch, llama_bench, prompt_ids
     from edgellm.measure import check_speed_keys, peak_rss_bytes, protocol
     from edgellm.models import DEFAULT_MODEL, load_model, load_tokenizer
     from edgellm.records import record
@@ -105,6 +163,7 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
 
         raise EdgeLLMError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     t_start = time.perf_counter()
+    lb = None
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -116,6 +175,10 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
                                  repeats=repeats)
             size = Path(model).stat().st_size
             read = gguf_decode_bytes(model, position=position)["bytes_per_token"]
+            n_weights = gguf_decode_bytes(model, position=0)["n_weights"]
+            if with_llama_bench:
+                lb = llama_bench(model, threads=threads, prompt_tokens=prompt_tokens,
+                                 gen_tokens=gen_tokens, repeats=repeats)
         else:
             t0 = time.perf_counter()
             m, tok = load_model(model or DEFAULT_MODEL, quiet=True)
@@ -131,6 +194,8 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
             kv = (2 * cfg.num_hidden_layers * (cfg.num_key_value_heads or cfg.num_attention_heads)
                   * (cfg.hidden_size // cfg.num_attention_heads) * embed.element_size())
             size = sum(p.numel() * p.element_size() for p in m.parameters())
+            n_weights = sum(p.numel() for p in m.parameters()) - (
+                embed.numel() if not m.config.tie_word_embeddings else 0)
             read = bytes_per_token(params, rows={name: embed.shape[0]},
                                    kv_bytes_per_position=kv, position=position)
             del m
@@ -145,65 +210,24 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
            "peak_flops": machine["peak_flops"], "cpu": machine["cpu"],
            "decode_bound_tokens_per_s": bound,
            "fraction_of_bound": (res["decode_tokens_per_s"] or 0) / bound,
+           "prefill_bound_tokens_per_s": machine["peak_flops"] / (2 * n_weights),
            "seconds": time.perf_counter() - t_start}
     rec["speed_protocol"]["decode_bound_tokens_per_s"] = protocol(
         "decode-bound", threads=threads, position=position)
+    rec["speed_protocol"]["prefill_bound_tokens_per_s"] = protocol("prefill-bound",
+                                                                   threads=threads)
+    if lb is not None:
+        rec["llama_bench"] = {**lb, "fraction_of_bound": lb["decode_tokens_per_s"] / bound,
+                              "speed_protocol": {
+                                  "prefill_tokens_per_s": protocol(
+                                      "llama-bench-pp", prompt_tokens=prompt_tokens,
+                                      repeats=repeats, threads=threads),
+                                  "decode_tokens_per_s": protocol(
+                                      "llama-bench-tg", gen_tokens=gen_tokens, repeats=repeats,
+                                      threads=threads)}}
+        check_speed_keys(rec["llama_bench"])
     check_speed_keys(rec)
     return {**record(rec, protocol="runtime", data=data), "threads": threads}
-
-
-def export_quantized(folder, *, out, progress: bool = False) -> dict:
-    """A quantized model saved by ``edgellm quantize --out`` as a GGUF of llama.cpp blocks."""
-    from edgellm.deploy.export import gguf_bpw, model_to_gguf, tensor_types
-    from edgellm.deploy.gguf_blocks import (
-        as_block_qtensor,
-        block_type,
-        check_blocks,
-        gguf_names,
-        permute_rows,
-        rope_row_order,
-        write_blocks,
-    )
-    from edgellm.deploy.llamacpp import LlamaCppError
-    from edgellm.models import DEFAULT_MODEL, load_tokenizer
-    from edgellm.quant.gguf_formats import to_gguf_bytes
-    from edgellm.quant.save import load_quantized
-    from edgellm.records import record
-
-    t0 = time.perf_counter()
-    model, tok, qtensors = load_quantized(folder)
-    if tok is None:
-        tok = load_tokenizer(DEFAULT_MODEL, quiet=True)
-    names = gguf_names(model)
-    plain = sorted(set(names) - set(qtensors))
-    if plain:
-        raise LlamaCppError(f"{folder}: {len(plain)} linears are not quantized ({plain[0]} …); "
-                            "an export of our quantizer writes every linear in its blocks")
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    blocks, kinds = {}, {}
-    for name, qt in qtensors.items():
-        kinds[names[name]] = kind = block_type(qt)
-        b = as_block_qtensor(qt)
-        if name.endswith("q_proj"):
-            b = permute_rows(b, rope_row_order(qt.shape[0], heads))
-        elif name.endswith("k_proj"):
-            b = permute_rows(b, rope_row_order(qt.shape[0], cfg.num_key_value_heads or heads))
-        blocks[names[name]] = (kind, to_gguf_bytes(b))
-    with tempfile.TemporaryDirectory(prefix="edgellm-gguf-") as tmp:
-        f32 = model_to_gguf(model, tok, Path(tmp) / "f32.gguf")
-        path = write_blocks(f32, out, blocks)
-        try:
-            n_blocks = check_blocks(path, f32, list(blocks))
-        except LlamaCppError:
-            path.unlink(missing_ok=True)
-            raise
-    types = tensor_types(path)
-    rec = {"from_quantized": str(folder), "format": "gguf", "out": str(path),
-           "type": "+".join(sorted(set(kinds.values()))), "size_bytes": path.stat().st_size,
-           "bpw": gguf_bpw(path), "tensor_types": types, "n_linear": len(blocks),
-           "blocks_checked": n_blocks, "seconds": time.perf_counter() - t0}
-    return record(rec, protocol="export", data=None)
 
 
 def llamacpp_model(gguf, *, ctx: int = 512, threads: int = 1):

@@ -8,8 +8,8 @@ llama-cpp-python source distribution (:func:`edgellm.deploy.llamacpp.source_dir`
 installed to get them.  Files are written beside the target and renamed when complete.
 
 The converters write ``F32``, ``F16``, ``BF16`` and ``Q8_0`` themselves (the token embedding
-and the norms stay F32 in every case, as llama.cpp chooses); the K- and I-quants need
-``llama-quantize``.
+and the norms stay F32 in every case, as llama.cpp chooses); the K- and I-quants are made from
+the F32 file by ``llama-quantize`` (:mod:`edgellm.deploy.llamacpp_quant`).
 """
 
 from __future__ import annotations
@@ -20,21 +20,32 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from edgellm.deploy.llamacpp import LlamaCppError, source_dir
 
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 ADAPTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 
 
-def check_type(qtype: str, *, adapter: bool = False) -> str:
-    """``qtype`` if the converter writes it, else a clear :class:`LlamaCppError`."""
-    allowed = ADAPTER_TYPES if adapter else CONVERTER_TYPES
-    if qtype.upper() not in allowed:
-        what = "an adapter" if adapter else "a model"
-        raise LlamaCppError(f"--type {qtype}: llama.cpp's converter writes {what} as one of "
-                            f"{', '.join(allowed)}; for a K- or I-quant, run llama.cpp's "
-                            "llama-quantize on the F32 file")
-    return qtype.upper()
+def check_type(qtype: str, *, adapter: bool = False, imatrix=None) -> str:
+    """``qtype`` upper-cased if it can be written: the converter's types for adapters and models,
+    llama.cpp's own types (:mod:`edgellm.deploy.llamacpp_quant`) for models; else a clear
+    :class:`LlamaCppError`."""
+    from edgellm.deploy.llamacpp_quant import NEEDS_IMATRIX, QUANT_TYPES, check_quant_type
+
+    q = qtype.upper()
+    if q in CONVERTER_TYPES and (not adapter or q in ADAPTER_TYPES):
+        return q
+    if adapter:
+        raise LlamaCppError(f"--type {qtype}: llama.cpp's converter writes an adapter as one of "
+                            f"{', '.join(ADAPTER_TYPES)}; for a quantized model with the adapter, "
+                            "add --merge")
+    if q in QUANT_TYPES or q in NEEDS_IMATRIX:
+        return check_quant_type(q, imatrix=imatrix)
+    raise LlamaCppError(f"--type {qtype}: use one of {', '.join(CONVERTER_TYPES)} (the "
+                        f"converter) or {', '.join(QUANT_TYPES + NEEDS_IMATRIX[:2])} "
+                        "(llama-quantize)")
 
 
 def _run_converter(script: str, args: list[str], out: Path) -> Path:
@@ -140,5 +151,9 @@ def gguf_decode_bytes(gguf_path, *, position: int = 0, kv_bytes: int = 2) -> dic
     vocab = shapes["token_embd.weight"][-1]                 # gguf lists dims fastest-first
     total = bytes_per_token(tensors, rows={"token_embd.weight": vocab},
                             kv_bytes_per_position=kv_per_pos, position=position)
+    n_weights = sum(int(np.prod(shapes[n])) for n in sizes if n != "token_embd.weight")
+    if tied:
+        n_weights += int(np.prod(shapes["token_embd.weight"]))   # the output matmul's weights
     return {"bytes_per_token": total, "weights_bytes": sum(sizes.values()), "tied_output": tied,
+            "n_weights": n_weights,
             "kv_bytes_per_position": kv_per_pos, "position": position, "n_layers": layers}

@@ -31,6 +31,23 @@ from edgellm.deploy.llamacpp import LlamaCppError
 BLOCK_TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}
 
 
+def check_block_settings(method: str, *, bits: int, group_size: int | None, sym: bool,
+                         a_bits: int | None = None, kv_bits: int | None = None) -> None:
+    """The settings whose codes fit one of llama.cpp's blocks (before anything is quantized)."""
+    from edgellm.deploy.llamacpp import LlamaCppError
+
+    fits = group_size == 32 and (bits == 4 or (bits == 8 and sym))
+    if not fits:
+        raise LlamaCppError(f"--gguf writes llama.cpp's blocks of 32: use --group-size 32 with "
+                            f"--bits 4 (Q4_0 with --sym, Q4_1 without) or --bits 8 --sym (Q8_0); "
+                            f"got --bits {bits} --group-size {group_size}")
+    if method not in ("rtn", "gptq", "awq", "imatrix"):
+        raise LlamaCppError(f"--gguf: --method {method} is not a plain weight quantizer; use rtn, "
+                            "gptq, awq or imatrix")
+    if a_bits is not None or kv_bits is not None:
+        raise LlamaCppError("--gguf writes the weights only: drop --a-bits / --kv-bits")
+
+
 def block_type(qt) -> str:
     """The GGUF type that stores ``qt`` exactly, else a clear :class:`LlamaCppError`."""
     kind = BLOCK_TYPES.get((qt.bits, qt.sym))

@@ -66,11 +66,19 @@ def build_tools(targets=("llama-perplexity",), version: str | None = None) -> Pa
     build = src.parent / "build"
     missing = [t for t in targets if not (build / "bin" / t).is_file()]
     if missing:
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-                       check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
-                        "--target", *missing], check=True, capture_output=True)
+        steps = (["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                  "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                 ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
+                  *missing])
+        for cmd in steps:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise LlamaCppError("building llama.cpp's tools needs cmake and a C++ compiler: "
+                                    "install them (Debian: apt install cmake g++)") from None
+            if proc.returncode != 0:
+                raise LlamaCppError(f"building {', '.join(missing)} failed: "
+                                    f"{(proc.stdout + proc.stderr).strip()[-600:]}")
     return build / "bin"
 
 

@@ -38,6 +38,35 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
+def llama_bench(gguf, *, threads: int = 1, prompt_tokens: int = 128, gen_tokens: int = 128,
+                repeats: int = 3) -> dict:
+    """llama.cpp's own ``llama-bench`` on ``gguf`` (JSON output): prompt processing and token
+    generation tokens/s, mean and standard deviation over ``repeats`` runs."""
+    import json
+    import subprocess
+
+    from edgellm.deploy.llamacpp import LlamaCppError, build_tools, extra_buffer_types_safe
+
+    cmd = [str(build_tools(("llama-bench",)) / "llama-bench"), "-m", str(gguf), "-t",
+           str(threads), "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", str(repeats),
+           "-o", "json"]
+    if not extra_buffer_types_safe():
+        cmd += ["--repack", "0"]  # see edgellm.deploy.llamacpp.open_llama
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        tests = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        tests = None
+    if proc.returncode != 0 or not tests:
+        raise LlamaCppError(f"llama-bench failed (exit {proc.returncode}): "
+                            f"{(proc.stdout + proc.stderr).strip()[-600:]}")
+    pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
+    tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
+    return {"prefill_tokens_per_s": pp["avg_ts"], "prefill_stddev": pp["stddev_ts"],
+            "decode_tokens_per_s": tg["avg_ts"], "decode_stddev": tg["stddev_ts"],
+            "threads": threads, "build": tg.get("build_commit"), "cpu": tg.get("cpu_info")}
+
+
 def bench_llamacpp(gguf, ids: list[int], *, gen_tokens: int = 128, threads: int = 1,
                    repeats: int = 3) -> dict:
     """llama.cpp (llama-cpp-python) on ``gguf``: load, prefill and decode timings."""

@@ -342,7 +342,7 @@ def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
         from edgellm.quant.save import WEIGHTS, save_quantized
 
         folder = save_quantized(model, res.qtensors, out, tok,
-                                meta={"method": info["method"], **info})
+                                meta={"method": info["method"], **info, "model": model_name})
         rec.update(out=str(out), file_bytes=os.path.getsize(folder / WEIGHTS))
     if evaluate:
         reference, _ = load_model(model_name, quiet=True)
