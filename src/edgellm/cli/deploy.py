@@ -71,7 +71,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("bench-runtime", help="time one prompt and one greedy generation in a runtime",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runtime", required=True, choices=["llamacpp", "torch"])
+    p.add_argument("--runtime", required=True, choices=["llamacpp", "torch", "bnb", "torchao"],
+                   help="torch: eager fp32; bnb: bitsandbytes NF4 with double quantization; "
+                        "torchao: int8 weight-only (lesson 05's formats, the same protocol)")
     p.add_argument("--model", help="a GGUF file (llamacpp) or a model name or folder (torch)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)

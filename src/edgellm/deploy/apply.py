@@ -138,7 +138,9 @@ def roofline(*, threads: int | None = None, size_mib: int = 512, model=None,
     return {**record(rec, protocol="roofline", data=None), "threads": rec["threads"]}
 
 
-RUNTIMES = ("llamacpp", "torch")
+RUNTIMES = ("llamacpp", "torch", "bnb", "torchao")
+#: the library setting each PyTorch-library runtime uses (lesson 05's formats)
+LIBRARY_MODES = {"bnb": ("bnb", "nf4", True), "torchao": ("torchao", "int8_weight_only", False)}
 
 
 def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: int = 128,
@@ -180,22 +182,37 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
                 lb = llama_bench(model, threads=threads, prompt_tokens=prompt_tokens,
                                  gen_tokens=gen_tokens, repeats=repeats)
         else:
+            from edgellm.measure import memory_report
+
             t0 = time.perf_counter()
             m, tok = load_model(model or DEFAULT_MODEL, quiet=True)
+            # the weights a token multiplies (counted before packing): the tied embedding once,
+            # as the output matrix; an untied input embedding is a lookup, not a matmul
+            n_weights = sum(p.numel() for p in m.parameters())
+            if not m.config.tie_word_embeddings:
+                n_weights -= m.get_input_embeddings().weight.numel()
+            if runtime in LIBRARY_MODES:
+                from edgellm.quant.apply import quantize_production
+
+                library, mode, dq = LIBRARY_MODES[runtime]
+                lib = quantize_production(m, library=library, mode=mode, double_quant=dq)
             load_s = time.perf_counter() - t0
             ids = prompt_ids(tok, prompt_tokens, data=data)
             res = bench_torch(m, ids, gen_tokens=gen_tokens, repeats=repeats, load_s=load_s)
-            params = {n: p.numel() * p.element_size() for n, p in m.named_parameters()}
+            if runtime in LIBRARY_MODES:
+                res.update(library=lib["library"], mode=lib["mode"],
+                           double_quant=lib.get("double_quant"))
             embed = m.get_input_embeddings().weight
-            name = next(n for n, p in m.named_parameters() if p is embed)
+            mem = memory_report(m)
+            params = {"linears": mem["memory_bytes_linears"], "other": mem["memory_bytes_other"],
+                      "embedding": mem["memory_bytes_embedding"]}
             if m.config.tie_word_embeddings:
-                params["lm_head (tied)"] = params[name]
+                params["lm_head (tied)"] = params["embedding"]
+            name = "embedding"
             cfg = m.config
             kv = (2 * cfg.num_hidden_layers * (cfg.num_key_value_heads or cfg.num_attention_heads)
                   * (cfg.hidden_size // cfg.num_attention_heads) * embed.element_size())
-            size = sum(p.numel() * p.element_size() for p in m.parameters())
-            n_weights = sum(p.numel() for p in m.parameters()) - (
-                embed.numel() if not m.config.tie_word_embeddings else 0)
+            size = mem["memory_bytes"]
             read = bytes_per_token(params, rows={name: embed.shape[0]},
                                    kv_bytes_per_position=kv, position=position)
             del m
