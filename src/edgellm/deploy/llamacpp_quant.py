@@ -54,6 +54,19 @@ def _run(cmd: list[str], what: str) -> str:
     return log
 
 
+def _run_into(cmd: list[str], tmp: Path, out: Path, what: str) -> Path:
+    """Run a tool that writes ``tmp``; rename it to ``out`` only when the tool succeeded, so a
+    failure or an interruption leaves nothing half-written."""
+    try:
+        _run(cmd, what)
+        if not tmp.is_file():
+            raise LlamaCppError(f"{what} wrote no file at {tmp}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def compute_imatrix(gguf, text_file, out, *, ctx: int = 512, chunks: int | None = None,
                     threads: int | None = None) -> Path:
     """``llama-imatrix`` of ``gguf`` over ``text_file`` (windows of ``ctx`` tokens), written to
@@ -65,14 +78,7 @@ def compute_imatrix(gguf, text_file, out, *, ctx: int = 512, chunks: int | None 
            "-b", str(ctx), "-t", str(threads or os.cpu_count() or 2), "--no-ppl"]
     if chunks:
         cmd += ["--chunks", str(chunks)]
-    try:
-        _run(cmd, "llama-imatrix")
-        if not tmp.is_file():
-            raise LlamaCppError(f"llama-imatrix wrote no file at {tmp}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return _run_into(cmd, tmp, out, "llama-imatrix")
 
 
 def quantize(f32_gguf, out, qtype: str, *, imatrix=None, token_embedding_type: str | None = None,
@@ -96,12 +102,7 @@ def quantize(f32_gguf, out, qtype: str, *, imatrix=None, token_embedding_type: s
                                 f"{', '.join(TENSOR_TYPES)}")
         cmd += ["--token-embedding-type", emb.lower()]
     cmd += [str(src), str(tmp), q, str(threads or os.cpu_count() or 2)]
-    try:
-        _run(cmd, "llama-quantize")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return _run_into(cmd, tmp, out, "llama-quantize")
 
 
 _STAT = {
@@ -137,12 +138,7 @@ def kl_base(f32_gguf, text_file, out, *, ctx: int = 512, chunks: int | None = No
            str(threads or os.cpu_count() or 2), "--kl-divergence-base", str(tmp)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
-    try:
-        _run(cmd, "llama-perplexity --kl-divergence-base")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return _run_into(cmd, tmp, out, "llama-perplexity --kl-divergence-base")
 
 
 def kl_divergence(gguf, base, *, threads: int | None = None) -> dict:
