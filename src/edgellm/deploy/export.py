@@ -51,7 +51,7 @@ def check_type(qtype: str, *, adapter: bool = False, imatrix=None) -> str:
 def _run_converter(script: str, args: list[str], out: Path) -> Path:
     out = Path(out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     cmd = [sys.executable, str(source_dir() / script), *args, "--outfile", str(tmp)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)

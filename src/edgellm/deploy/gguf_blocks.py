@@ -106,7 +106,7 @@ def write_blocks(f32_gguf, out, blocks: dict[str, tuple[str, np.ndarray]]) -> Pa
     reader = gguf.GGUFReader(str(f32_gguf))
     arch = bytes(reader.get_field(gguf.Keys.General.ARCHITECTURE).parts[-1]).decode()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.part")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     writer = gguf.GGUFWriter(str(tmp), arch=arch, use_temp_file=False)
     try:
         for field in reader.fields.values():

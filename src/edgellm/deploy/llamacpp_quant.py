@@ -72,7 +72,7 @@ def compute_imatrix(gguf, text_file, out, *, ctx: int = 512, chunks: int | None 
     """``llama-imatrix`` of ``gguf`` over ``text_file`` (windows of ``ctx`` tokens), written to
     ``out`` when complete."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.part{out.suffix}")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part{out.suffix}")
     binary = build_tools(TOOLS) / "llama-imatrix"
     cmd = [str(binary), "-m", str(gguf), "-f", str(text_file), "-o", str(tmp), "-c", str(ctx),
            "-b", str(ctx), "-t", str(threads or os.cpu_count() or 2), "--no-ppl"]
@@ -91,7 +91,7 @@ def quantize(f32_gguf, out, qtype: str, *, imatrix=None, token_embedding_type: s
         raise LlamaCppError(f"{src}: no such GGUF file; write one with edgellm export --type F32")
     out = Path(out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     cmd = [str(build_tools(TOOLS) / "llama-quantize")]
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
@@ -132,7 +132,7 @@ def kl_base(f32_gguf, text_file, out, *, ctx: int = 512, chunks: int | None = No
     """``llama-perplexity --kl-divergence-base``: the F32 file's logits on every scored token
     (about 100 KB a token for this vocabulary: delete it after use)."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.part")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     cmd = [str(build_tools(TOOLS) / "llama-perplexity"), "-m", str(f32_gguf), "-f",
            str(text_file), "-c", str(ctx), "-b", str(ctx), "-t",
            str(threads or os.cpu_count() or 2), "--kl-divergence-base", str(tmp)]
