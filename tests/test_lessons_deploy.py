@@ -72,3 +72,118 @@ def test_runtime_rows_and_first_divergence():
     assert D.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert D.first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert D.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the lesson's statements against its records
+
+def _markdown(path="notebooks/11_deployment.ipynb") -> str:
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / path).read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    return " ".join(text.split())        # a number may be wrapped across lines
+
+
+def _type(model, qtype, *, imatrix=False, emb="Q8_0"):
+    from edgellm.results import load_records
+
+    hits = [r for r in load_records("11_types") if r["model"] == model and r["type"] == qtype
+            and bool(r.get("imatrix")) == imatrix
+            and (r.get("token_embedding_type") == emb or qtype in ("Q8_0", "F32"))]
+    assert len(hits) == 1, (model, qtype, imatrix)
+    return hits[0]
+
+
+def _pm(r, nd):
+    return f"{r['delta_nll']:+.{nd}f} ± {r['delta_nll_stderr']:.{nd}f}"
+
+
+DEFAULT, CONTROL = "smollm2-135m", "smollm2-135m-degrid"
+
+
+def test_section5_numbers_are_the_records():
+    md = _markdown()
+    claims = [(DEFAULT, "Q4_1", False, 4), (DEFAULT, "Q8_0", False, 4), (DEFAULT, "Q5_0", False, 3),
+              (DEFAULT, "Q5_K_M", False, 3), (DEFAULT, "Q3_K_M", False, 3),
+              (DEFAULT, "Q4_0", False, 3), (DEFAULT, "Q2_K", False, 3),
+              (DEFAULT, "IQ4_NL", False, 3), (DEFAULT, "Q4_0", True, 3),
+              (DEFAULT, "Q4_K_M", True, 3), (DEFAULT, "Q3_K_M", True, 3), (DEFAULT, "Q2_K", True, 3),
+              (CONTROL, "Q8_0", False, 4), (CONTROL, "Q6_K", False, 3), (CONTROL, "Q5_K_M", False, 3),
+              (CONTROL, "Q4_K_M", False, 3), (CONTROL, "Q5_0", False, 3), (CONTROL, "Q4_1", False, 3),
+              (CONTROL, "Q4_0", False, 3), (CONTROL, "Q2_K", False, 3), (CONTROL, "Q4_0", True, 3),
+              (CONTROL, "Q3_K_M", True, 3), (CONTROL, "Q2_K", True, 3), (CONTROL, "IQ2_XS", True, 3)]
+    for model, qtype, imatrix, nd in claims:
+        text = _pm(_type(model, qtype, imatrix=imatrix), nd)
+        assert text in md, (model, qtype, imatrix, text)
+    assert f"{_type(DEFAULT, 'Q3_K_M')['bpw']:.2f} bpw" in md
+    assert f"{_type(DEFAULT, 'Q2_K')['bpw']:.2f} bpw" in md
+    assert f"{_type(CONTROL, 'IQ2_XS', imatrix=True)['bpw']:.2f} bpw" in md
+    # the claims of order the reading makes
+    assert _type(DEFAULT, "Q4_1")["delta_nll"] < 0.01 < _type(DEFAULT, "Q5_0")["delta_nll"]
+    assert _type(DEFAULT, "Q3_K_M")["delta_nll"] + 2 * 0.011 < _type(DEFAULT, "Q4_0")["delta_nll"]
+    assert _type(CONTROL, "Q4_1")["delta_nll"] > 0.1
+    both = _type(DEFAULT, "Q4_K_M"), _type(DEFAULT, "Q4_K_M", emb=None)
+    assert both[0]["size_bytes"] == both[1]["size_bytes"] and both[0]["ppl"] == both[1]["ppl"]
+
+
+def test_section6_numbers_are_the_records():
+    import math
+
+    from edgellm.results import load_records
+
+    md = _markdown()
+    ours = {(r["model"], r["method"], r["sym"]): r["gguf"] for r in load_records("11_ours")}
+    for model in (DEFAULT, CONTROL):
+        q4_0 = _type(model, "Q4_0")
+        for method in ("rtn", "gptq", "awq"):
+            g = ours[(model, method, True)]
+            diff = g["delta_nll"] - q4_0["delta_nll"]
+            se = math.hypot(g["delta_nll_stderr"], q4_0["delta_nll_stderr"])
+            verdict = D.verdict(diff, se)
+            if (model, method) in ((DEFAULT, "awq"), (DEFAULT, "gptq"), (DEFAULT, "rtn"),
+                                   (CONTROL, "rtn")):
+                text = f"{diff:+.3f} ± {se:.3f}".replace("-", "−")
+                assert text in md, (model, method, text)
+            assert verdict == {"awq": "lower", "gptq": "higher" if model == DEFAULT else "lower",
+                               "rtn": "higher"}[method], (model, method, verdict)
+    rel = sorted((g["ppl"] / g["ppl_simulated"] - 1, k) for k, g in ours.items())
+    assert sum(r <= 0.005 for r, _ in rel) == 6
+    assert f"+{100 * rel[-1][0]:.2f} %" in md and f"+{100 * rel[-2][0]:.3f} %" in md
+    g = ours[(CONTROL, "rtn", False)]
+    assert f"{g['delta_nll_vs_simulated']:+.4f} ± {g['delta_nll_stderr_vs_simulated']:.4f}" in md
+
+
+def test_section7_numbers_are_the_records():
+    from edgellm.results import load_records
+
+    md = _markdown()
+    rt = load_records("11_runtimes")
+    rows = D.runtime_rows(rt)
+    row = {(r["name"], r["threads"]): r for r in rows}
+    for name, pct in (("llama-bench F32", "98 %"), ("llama-bench Q8_0", "63 %"),
+                      ("llama-bench Q4_K_M", "49 %"), ("llama-bench Q4_0", "43 %")):
+        r = row[(name, 1)]
+        assert f"{r['decode']:.1f}" in md and f"{100 * r['fraction']:.0f} %" == pct, name
+    assert f"{100 * row[('llama-bench Q8_0', 2)]['fraction']:.0f} %" in md
+    assert f"{100 * row[('llama-bench Q4_0', 2)]['fraction']:.0f} %" in md
+    assert row[("llama-bench Q4_0", 1)]["fraction"] < 0.7  # the goal the lesson says is not met
+    for t, text in ((1, "15.4 GB/s + 11.4 ms"), (2, "31.2 GB/s + 7.7 ms")):
+        f = D.fit_time_per_token([r for r in rows if r["threads"] == t
+                                  and r["name"].startswith("llama-bench")])
+        assert f"{f['bandwidth_eff_bytes_per_s'] / 1e9:.1f} GB/s + {f['t0_s'] * 1e3:.1f} ms" == text
+        assert text in md and f["max_rel_residual"] < (0.06 if t == 1 else 0.04)
+    roof = {r["threads"]: r for r in rt if r.get("protocol") == "roofline"}
+    assert f"{roof[1]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s" in md
+    for name, speed in (("torch eager fp32", "16.3"), ("bitsandbytes NF4", "25.3"),
+                        ("torchao int8 (w)", "13.8")):
+        r = row[(name, 1)]
+        assert f"{r['decode']:.1f}" == speed and speed in md
+        assert f"{100 * r['fraction']:.0f} %" in md
+    torch_ids = row[("torch eager fp32", 1)]["generated_ids"]
+    div = {n: D.first_divergence(row[(n, 1)]["generated_ids"], torch_ids)
+           for n in ("llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_K_M", "llama.cpp Q4_0",
+                     "torchao int8 (w)", "bitsandbytes NF4")}
+    assert div == {"llama.cpp F32": None, "llama.cpp Q8_0": 29, "llama.cpp Q4_K_M": 10,
+                   "llama.cpp Q4_0": 10, "torchao int8 (w)": 3, "bitsandbytes NF4": 0}

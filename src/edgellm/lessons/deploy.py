@@ -191,6 +191,10 @@ def gguf_summary(path) -> dict:
             "size_bytes": Path(path).stat().st_size}
 
 
+RUNTIME_NAMES = {"torch": "torch eager fp32", "bnb": "bitsandbytes NF4",
+                 "torchao": "torchao int8 (w)"}
+
+
 def runtime_rows(records: list[dict]) -> list[dict]:
     """One row per ``edgellm bench-runtime`` record of ``results/11_runtimes`` (llama-bench's
     figures as rows of their own)."""
@@ -198,7 +202,7 @@ def runtime_rows(records: list[dict]) -> list[dict]:
     for r in records:
         if r.get("protocol") != "runtime":
             continue
-        name = "torch eager fp32" if r["runtime"] == "torch" else \
+        name = RUNTIME_NAMES.get(r["runtime"]) or \
             "llama.cpp " + r["model"].rsplit("-", 1)[-1].removesuffix(".gguf")
         base = {"threads": r["threads"], "size_bytes": r["size_bytes"],
                 "bytes_per_token": r["bytes_per_token"], "bound": r["decode_bound_tokens_per_s"],
