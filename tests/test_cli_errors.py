@@ -27,6 +27,7 @@ BAD_INPUT: dict[str, list[list[str]]] = {
     "info": [["--nonesuch"]],
     "fetch": [["--model", "nonesuch"]],
     "ppl": [["--model", "nonesuch"], ["--data", "nonesuch"], ["--model", "/no/such.gguf"],
+            ["--runtime", "llamacpp", "--model", "{tmp}/cut.gguf"],
             ["--model", "{tmp}"], ["--data", "{tmp}/binary.txt"], ["--ctx", "0"],
             ["--runtime", "llamacpp"], ["--runtime", "llamacpp", "--model", "/no/such.gguf"],
             ["--runtime", "llamacpp", "--model", "{tmp}/binary.txt"]],
@@ -104,11 +105,14 @@ BAD_INPUT: dict[str, list[list[str]]] = {
                ["--adapter", "{tmp}/none", "--out", "{tmp}/a.gguf"],
                ["--adapter", "{tmp}", "--out", "{tmp}/a.gguf"], ["--out", "{tmp}"],
                ["--model", "nonesuch", "--out", "{tmp}/m.gguf"]],
-    "bench-runtime": [["--runtime", "llamacpp"], ["--runtime", "llamacpp", "--model", "/no/such.gguf"],
+    "bench-runtime": [["--runtime", "llamacpp", "--model", "{tmp}/junk.gguf"],
+                      ["--runtime", "llamacpp", "--model", "{tmp}/cut.gguf"],
+                      ["--runtime", "llamacpp"], ["--runtime", "llamacpp", "--model", "/no/such.gguf"],
                       ["--runtime", "onnx"], ["--runtime", "torch", "--gen-tokens", "1"],
                       ["--runtime", "torch", "--threads", "0"],
                       ["--runtime", "torch", "--model", "nonesuch"]],
-    "roofline": [["--threads", "0"], ["--size-mib", "1"], ["--model", "/no/such.gguf"],
+    "roofline": [["--model", "{tmp}/junk.gguf"], ["--model", "{tmp}/cut.gguf"],
+                 ["--threads", "0"], ["--size-mib", "1"], ["--model", "/no/such.gguf"],
                  ["--model", "{tmp}/binary.txt"], ["--position", "-1"]],
     "results": [["nonesuch"]],
 }
@@ -140,6 +144,8 @@ CASES = [(name, argv) for name, cases in BAD_INPUT.items() for argv in cases]
 def _bad_files(tmp_path: Path) -> None:
     (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe not text")
     (tmp_path / "junk.ipynb").write_text("not a notebook")
+    (tmp_path / "junk.gguf").write_text("junk")
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x09" * 20)
     (tmp_path / "prose.jsonl").write_text('{"prompt": "Greet.", "answer": "Hello there!", '
                                           '"split": "test"}\n')
 

@@ -78,7 +78,10 @@ def _check_runtime(args) -> None:
     from edgellm.cli.common import UsageError, check_in_file
 
     if args.runtime == "llamacpp":
+        from edgellm.deploy.export import check_gguf
+
         check_in_file(args.model, "GGUF file", suffix=".gguf")
+        check_gguf(args.model)
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: give a positive number")
         if args.protocol == "sliding":

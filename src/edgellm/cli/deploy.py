@@ -168,7 +168,10 @@ def run_roofline(args) -> dict:
     if args.position < 0:
         raise UsageError(f"--position {args.position}: give 0 or more")
     if args.model:
+        from edgellm.deploy.export import check_gguf
+
         check_in_file(args.model, "GGUF file", suffix=".gguf")
+        check_gguf(args.model)
     return roofline(threads=args.threads, size_mib=args.size_mib, model=args.model,
                     position=args.position)
 
@@ -189,6 +192,9 @@ def run_bench_runtime(args) -> dict:
             raise UsageError("--runtime llamacpp runs a GGUF file: give --model FILE.gguf "
                              "(edgellm export writes one)")
         check_in_file(args.model, "GGUF file", suffix=".gguf")
+        from edgellm.deploy.export import check_gguf
+
+        check_gguf(args.model)
     elif args.model:
         check_model_name(args.model)
     return bench_runtime(args.runtime, args.model, threads=args.threads,

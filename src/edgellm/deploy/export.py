@@ -92,6 +92,28 @@ def adapter_to_gguf(adapter_dir, model, tokenizer, out, *, qtype: str = "F32") -
                               ["--base", tmp, "--outtype", qtype.lower(), str(adapter_dir)], out)
 
 
+def check_gguf(path) -> Path:
+    """``path`` if it is a complete GGUF file (its header and tensor table read), else a clear
+    :class:`LlamaCppError` before llama.cpp or the ``gguf`` package meet it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LlamaCppError(f"{path}: cannot read it ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise LlamaCppError(f"{path}: not a GGUF file (it does not start with 'GGUF'); write one "
+                            "with edgellm export")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except (ValueError, IndexError, OSError) as e:
+        raise LlamaCppError(f"{path}: a damaged or incomplete GGUF file ({e}); write it again "
+                            "with edgellm export") from None
+    return path
+
+
 def tensor_types(gguf_path) -> dict[str, str]:
     """Every tensor's stored type, read from the file (``{"blk.0.attn_q.weight": "Q8_0", …}``)."""
     from gguf import GGUFReader
