@@ -110,9 +110,10 @@ def quantize_record_gguf(gguf, model_name: str | None = None, *, out=None,
                               eval_settings=eval_settings, **settings)
         rec["gguf"] = export_quantized(folder, out=gguf, evaluate=ev,
                                        progress=settings.get("progress", False))
-    if out is None:
+    if out is None:                                  # the folder was temporary
         rec.pop("out", None)
         rec.pop("file_bytes", None)
+        rec["gguf"]["from_quantized"] = None
     return rec
 
 

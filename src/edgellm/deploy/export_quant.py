@@ -131,7 +131,10 @@ def llama_quantize(model, tok, out, qtype, *, model_name, imatrix, imatrix_calib
         imatrix, info = cached_imatrix(f32, model_name, data=imatrix_calib,
                                        chunks=imatrix_chunks, threads=threads)
         extra.update(info)
-    extra["imatrix"] = None if imatrix is None else str(imatrix)
+    if imatrix is not None and imatrix_calib:   # the cached one: its name says what it is from
+        extra["imatrix"] = Path(imatrix).name
+    else:
+        extra["imatrix"] = None if imatrix is None else str(imatrix)
     path = quantize(f32, out, qtype, imatrix=imatrix, threads=threads,
                     token_embedding_type=token_embedding_type)
     left = [n for n, t in tensor_types(path).items()
