@@ -89,6 +89,13 @@ def parse_threshold(text: str) -> float | None:
         ) from None
 
 
+def check_llamacpp_protocol(protocol: str) -> None:
+    """llama.cpp is evaluated on whole windows from an empty cache: no sliding windows."""
+    if protocol == "sliding":
+        raise UsageError("llama.cpp evaluates whole windows from an empty cache: use --protocol "
+                         "gptq or llamacpp")
+
+
 def check_eval_args(args) -> None:
     """Corpus and split exist, sizes are positive: before any model is loaded."""
     from edgellm.data import load_text

@@ -75,7 +75,7 @@ def load_any(name: str, *, quiet: bool = False):
 
 
 def _check_runtime(args) -> None:
-    from edgellm.cli.common import UsageError, check_in_file
+    from edgellm.cli.common import UsageError, check_in_file, check_llamacpp_protocol
 
     if args.runtime == "llamacpp":
         from edgellm.deploy.export import check_gguf
@@ -84,9 +84,7 @@ def _check_runtime(args) -> None:
         check_gguf(args.model)
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: give a positive number")
-        if args.protocol == "sliding":
-            raise UsageError("--runtime llamacpp evaluates whole windows from an empty cache: use "
-                             "--protocol gptq or llamacpp")
+        check_llamacpp_protocol(args.protocol)
     else:
         check_model_name(args.model)
 

@@ -95,7 +95,12 @@ def add_parsers(sub) -> None:
 
 
 def run_export(args) -> dict:
-    from edgellm.cli.common import UsageError, check_eval_args, check_in_file
+    from edgellm.cli.common import (
+        UsageError,
+        check_eval_args,
+        check_in_file,
+        check_llamacpp_protocol,
+    )
     from edgellm.deploy.apply import export
     from edgellm.deploy.export import check_type
     from edgellm.errors import EdgeLLMError
@@ -109,9 +114,7 @@ def run_export(args) -> dict:
         evaluate = dict(data=args.data, split=args.split, protocol=args.protocol, ctx=args.ctx,
                         max_tokens=args.max_tokens, chunks=args.chunks, threads=args.threads,
                         batch_size=args.eval_batch_size, progress=not args.json)
-        if args.protocol == "sliding":
-            raise UsageError("--eval runs llama.cpp on whole windows from an empty cache: use "
-                             "--protocol gptq or llamacpp")
+        check_llamacpp_protocol(args.protocol)
     if args.from_quantized:
         if args.adapter:
             raise EdgeLLMError("--from-quantized exports a quantized model; drop --adapter")
@@ -133,14 +136,12 @@ def run_export(args) -> dict:
 
         load_text(args.calib, "train")
     if args.token_embedding_type:
-        from edgellm.deploy.llamacpp import LlamaCppError
-        from edgellm.deploy.llamacpp_quant import TENSOR_TYPES
+        from edgellm.deploy.llamacpp_quant import check_tensor_type
 
-        if args.token_embedding_type.upper() not in TENSOR_TYPES:
-            raise LlamaCppError(f"--token-embedding-type {args.token_embedding_type}: use one of "
-                                f"{', '.join(TENSOR_TYPES)}")
-    if (args.imatrix or args.calib or args.token_embedding_type) and qtype in (
-            "F32", "F16", "BF16", "Q8_0"):
+        check_tensor_type(args.token_embedding_type)
+    from edgellm.deploy.export import CONVERTER_TYPES
+
+    if (args.imatrix or args.calib or args.token_embedding_type) and qtype in CONVERTER_TYPES:
         raise UsageError(f"--imatrix, --calib and --token-embedding-type apply to llama-quantize's "
                          f"types; --type {qtype} is written by the converter")
     if args.adapter:

@@ -139,6 +139,7 @@ def run(args) -> dict:
     if args.gguf:
         from functools import partial
 
+        from edgellm.cli.common import check_llamacpp_protocol
         from edgellm.deploy.apply import quantize_record_gguf
         from edgellm.deploy.gguf_blocks import check_block_settings
 
@@ -147,9 +148,8 @@ def run(args) -> dict:
                              sym=args.sym, a_bits=args.a_bits, kv_bits=args.kv_bits)
         if args.threads is not None and args.threads < 1:
             raise QuantError(f"--threads {args.threads}: give a positive number")
-        if args.eval and args.protocol == "sliding":
-            raise QuantError("--gguf --eval runs llama.cpp on whole windows from an empty cache: "
-                             "use --protocol gptq or llamacpp")
+        if args.eval:
+            check_llamacpp_protocol(args.protocol)
         record = partial(quantize_record_gguf, args.gguf, threads=args.threads)
     return record(
         args.model, method=args.method, bits=args.bits, group_size=args.group_size,

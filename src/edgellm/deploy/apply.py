@@ -177,8 +177,8 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
             res = bench_llamacpp(model, ids, gen_tokens=gen_tokens, threads=threads,
                                  repeats=repeats)
             size = Path(model).stat().st_size
-            read = gguf_decode_bytes(model, position=position)["bytes_per_token"]
-            n_weights = gguf_decode_bytes(model, position=0)["n_weights"]
+            decode = gguf_decode_bytes(model, position=position)
+            read, n_weights = decode["bytes_per_token"], decode["n_weights"]
             if with_llama_bench:
                 lb = llama_bench(model, threads=threads, prompt_tokens=prompt_tokens,
                                  gen_tokens=gen_tokens, repeats=repeats)

@@ -46,6 +46,13 @@ def check_quant_type(qtype: str, *, imatrix=None) -> str:
     return q
 
 
+def check_tensor_type(name: str) -> str:
+    """``name`` upper-cased if a single tensor may be stored as it (``--token-embedding-type``)."""
+    if name.upper() not in TENSOR_TYPES:
+        raise LlamaCppError(f"--token-embedding-type {name}: use one of {', '.join(TENSOR_TYPES)}")
+    return name.upper()
+
+
 def _run(cmd: list[str], what: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
@@ -96,11 +103,7 @@ def quantize(f32_gguf, out, qtype: str, *, imatrix=None, token_embedding_type: s
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
     if token_embedding_type:
-        emb = token_embedding_type.upper()
-        if emb not in TENSOR_TYPES:
-            raise LlamaCppError(f"--token-embedding-type {token_embedding_type}: use one of "
-                                f"{', '.join(TENSOR_TYPES)}")
-        cmd += ["--token-embedding-type", emb.lower()]
+        cmd += ["--token-embedding-type", check_tensor_type(token_embedding_type).lower()]
     cmd += [str(src), str(tmp), q, str(threads or os.cpu_count() or 2)]
     return _run_into(cmd, tmp, out, "llama-quantize")
 
