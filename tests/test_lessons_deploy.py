@@ -104,6 +104,8 @@ DEFAULT, CONTROL = "smollm2-135m", "smollm2-135m-degrid"
 
 
 def test_section5_numbers_are_the_records():
+    import math
+
     md = _markdown()
     claims = [(DEFAULT, "Q4_1", False, 4), (DEFAULT, "Q8_0", False, 4), (DEFAULT, "Q5_0", False, 3),
               (DEFAULT, "Q5_K_M", False, 3), (DEFAULT, "Q3_K_M", False, 3),
@@ -124,6 +126,11 @@ def test_section5_numbers_are_the_records():
     assert _type(DEFAULT, "Q4_1")["delta_nll"] < 0.01 < _type(DEFAULT, "Q5_0")["delta_nll"]
     assert _type(DEFAULT, "Q3_K_M")["delta_nll"] + 2 * 0.011 < _type(DEFAULT, "Q4_0")["delta_nll"]
     assert _type(CONTROL, "Q4_1")["delta_nll"] > 0.1
+    q4, q2 = _type(CONTROL, "Q4_0"), _type(CONTROL, "Q2_K")
+    a, b = {**q4, "se": q4["delta_nll_stderr"]}, {**q2, "se": q2["delta_nll_stderr"]}
+    assert D.verdict(b["delta_nll"] - a["delta_nll"], math.hypot(a["se"], b["se"])) == \
+        "not resolved"
+    assert f"{b['delta_nll'] - a['delta_nll']:+.3f} ± {math.hypot(a['se'], b['se']):.3f}" in md
     both = _type(DEFAULT, "Q4_K_M"), _type(DEFAULT, "Q4_K_M", emb=None)
     assert both[0]["size_bytes"] == both[1]["size_bytes"] and both[0]["ppl"] == both[1]["ppl"]
 
@@ -150,6 +157,16 @@ def test_section6_numbers_are_the_records():
                                "rtn": "higher"}[method], (model, method, verdict)
     rel = sorted((g["ppl"] / g["ppl_simulated"] - 1, k) for k, g in ours.items())
     assert sum(r <= 0.005 for r, _ in rel) == 6
+    # within 0.5 % beyond two standard errors of the paired ΔNLL, and not resolved either way
+    limit = math.log(1.005)
+    d = [(g["delta_nll_vs_simulated"], g["delta_nll_stderr_vs_simulated"]) for g in ours.values()]
+    assert sum(m + 2 * se < limit for m, se in d) == 5
+    assert not any(m - 2 * se > limit for m, se in d)
+    gptq, rtn = ours[(DEFAULT, "gptq", True)], ours[(DEFAULT, "rtn", True)]
+    gain, gain_se = rtn["delta_nll"] - gptq["delta_nll"], math.hypot(
+        rtn["delta_nll_stderr"], gptq["delta_nll_stderr"])
+    assert D.verdict(gain, gain_se) == "not resolved"
+    assert f"{gain:.3f} ± {gain_se:.3f} of it (not resolved)" in md
     assert f"+{100 * rel[-1][0]:.2f} %" in md and f"+{100 * rel[-2][0]:.3f} %" in md
     g = ours[(CONTROL, "rtn", False)]
     assert f"{g['delta_nll_vs_simulated']:+.4f} ± {g['delta_nll_stderr_vs_simulated']:.4f}" in md
