@@ -32,7 +32,7 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q -r requirements.lock
 "${pip[@]}" install -q --no-deps -e .
 "$VENV/bin/edgellm" fetch --json >/dev/null
-# llama.cpp's tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) from the
+# llama.cpp's tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-server) from the
 # llama-cpp-python sdist's source, built once into the cache (~5 min on 2 cores)
 "$VENV/bin/python" -m edgellm.deploy.llamacpp_quant
 echo "$want" > "$stamp"

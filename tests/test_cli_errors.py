@@ -30,7 +30,12 @@ BAD_INPUT: dict[str, list[list[str]]] = {
             ["--runtime", "llamacpp", "--model", "{tmp}/cut.gguf"],
             ["--model", "{tmp}"], ["--data", "{tmp}/binary.txt"], ["--ctx", "0"],
             ["--runtime", "llamacpp"], ["--runtime", "llamacpp", "--model", "/no/such.gguf"],
-            ["--runtime", "llamacpp", "--model", "{tmp}/binary.txt"]],
+            ["--runtime", "llamacpp", "--model", "{tmp}/binary.txt"],
+            ["--runtime", "onnxruntime", "--model", "{tmp}/junk.onnx"],
+            ["--runtime", "onnxruntime", "--model", "{tmp}/junk.gguf"],
+            ["--runtime", "executorch", "--model", "{tmp}/junk.pte"],
+            ["--runtime", "executorch", "--model", "/no/such.pte"],
+            ["--runtime", "onnxruntime", "--model", "{tmp}/graph.onnx", "--threads", "0"]],
     "kl": [["--model", "/no/such.gguf"], ["--model", "smollm2-135m", "--reference", "nonesuch"],
            ["--runtime", "llamacpp", "--model", "smollm2-135m"]],
     "quantize": [["--method", "gguf", "--type", "Q9_9"], ["--data", "nonesuch"],
@@ -104,16 +109,46 @@ BAD_INPUT: dict[str, list[list[str]]] = {
                ["--merge", "--out", "{tmp}/m.gguf"],
                ["--adapter", "{tmp}/none", "--out", "{tmp}/a.gguf"],
                ["--adapter", "{tmp}", "--out", "{tmp}/a.gguf"], ["--out", "{tmp}"],
-               ["--model", "nonesuch", "--out", "{tmp}/m.gguf"]],
+               ["--model", "nonesuch", "--out", "{tmp}/m.gguf"],
+               ["--format", "onnx", "--type", "int4", "--out", "{tmp}/m.onnx"],
+               ["--format", "onnx", "--out", "{tmp}/m.gguf"],
+               ["--format", "onnx", "--adapter", "{tmp}", "--out", "{tmp}/m.onnx"],
+               ["--format", "onnx", "--imatrix", "{tmp}/binary.txt", "--out", "{tmp}/m.onnx"],
+               ["--format", "executorch", "--type", "Q4_0", "--out", "{tmp}/m.pte"],
+               ["--format", "executorch", "--max-len", "1", "--out", "{tmp}/m.pte"],
+               ["--format", "executorch", "--eval", "--ctx", "1024", "--out", "{tmp}/m.pte"],
+               ["--format", "executorch", "--eval", "--protocol", "sliding",
+                "--out", "{tmp}/m.pte"]],
     "bench-runtime": [["--runtime", "llamacpp", "--model", "{tmp}/junk.gguf"],
                       ["--runtime", "llamacpp", "--model", "{tmp}/cut.gguf"],
                       ["--runtime", "llamacpp"], ["--runtime", "llamacpp", "--model", "/no/such.gguf"],
                       ["--runtime", "onnx"], ["--runtime", "torch", "--gen-tokens", "1"],
                       ["--runtime", "torch", "--threads", "0"],
-                      ["--runtime", "torch", "--model", "nonesuch"]],
+                      ["--runtime", "torch", "--model", "nonesuch"],
+                      ["--runtime", "onnxruntime"], ["--runtime", "executorch"],
+                      ["--runtime", "onnxruntime", "--model", "{tmp}/junk.onnx"],
+                      ["--runtime", "onnxruntime", "--model", "{tmp}/graph.onnx"],
+                      ["--runtime", "executorch", "--model", "{tmp}/junk.pte"],
+                      ["--runtime", "executorch", "--model", "{tmp}/junk.gguf"]],
     "roofline": [["--model", "{tmp}/junk.gguf"], ["--model", "{tmp}/cut.gguf"],
                  ["--threads", "0"], ["--size-mib", "1"], ["--model", "/no/such.gguf"],
                  ["--model", "{tmp}/binary.txt"], ["--position", "-1"]],
+    "serve": [["--model", "/no/such.gguf"], ["--model", "{tmp}/junk.gguf"],
+              ["--model", "{tmp}/cut.gguf"], ["--model", "{tmp}/binary.txt"],
+              ["--model", "{tmp}/gguf-head.gguf", "--port", "70000"],
+              ["--model", "{tmp}/gguf-head.gguf", "--parallel", "4", "--engine",
+               "llama-cpp-python"],
+              ["--model", "{tmp}/gguf-head.gguf", "--threads", "0"],
+              ["--model", "{tmp}/gguf-head.gguf", "--lora", "/no/such.gguf"],
+              ["--model", "{tmp}/gguf-head.gguf", "--lora", "{tmp}"]],
+    "loadtest": [["--url", "http://127.0.0.1:9/v1"], ["--url", "127.0.0.1:8080"],
+                 ["--url", "http://127.0.0.1:9/v1", "--clients", "0"],
+                 ["--url", "http://127.0.0.1:9/v1", "--clients", "1000"],
+                 ["--url", "http://127.0.0.1:9/v1", "--data", "nonesuch"],
+                 ["--model", "{tmp}/junk.gguf"], ["--model", "/no/such.gguf"],
+                 ["--model", "{tmp}/gguf-head.gguf", "--parallel", "0"],
+                 ["--model", "{tmp}/gguf-head.gguf", "--parallel", "2", "--engine",
+                  "llama-cpp-python"], ["--clients", "2"]],
     "results": [["nonesuch"]],
 }
 
@@ -146,8 +181,36 @@ def _bad_files(tmp_path: Path) -> None:
     (tmp_path / "junk.ipynb").write_text("not a notebook")
     (tmp_path / "junk.gguf").write_text("junk")
     (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x09" * 20)
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07 not a model at all \xff" * 3)
+    (tmp_path / "junk.pte").write_bytes(b"\x00" * 4 + b"XXXX junk")
+    _onnx_without_cache(tmp_path / "graph.onnx")
+    _small_gguf(tmp_path / "gguf-head.gguf")
     (tmp_path / "prose.jsonl").write_text('{"prompt": "Greet.", "answer": "Hello there!", '
                                           '"split": "test"}\n')
+
+
+def _small_gguf(path: Path) -> None:
+    """A complete GGUF file with one key and one tiny tensor (no model in it)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_tensor("t", np.zeros(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _onnx_without_cache(path: Path) -> None:
+    """A valid ONNX model that is not a decoder with a KV cache (Identity on one input)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(path))
 
 
 def _argv(name: str, argv: list[str], tmp_path: Path) -> list[str]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.deploy.apply import first_difference
+from edgellm.deploy.adapters import first_difference
 
 
 @pytest.mark.fast
@@ -47,7 +47,7 @@ def test_export_q8_0_reads_back_its_tensor_types(tmp_path, capsys):
 def test_an_adapter_in_llamacpp_generates_what_hf_and_peft_generate(tmp_path):
     """A rank-4 adapter with large random B changes most answers, so an adapter that llama.cpp
     ignored (or applied with the wrong scale) would not agree with HF + peft."""
-    from edgellm.deploy.apply import eval_task_llamacpp
+    from edgellm.deploy.adapters import eval_task_llamacpp
     from edgellm.lora.apply import apply_lora, peft_config, save_adapter
     from edgellm.models import load_model
 

@@ -3,6 +3,7 @@ llama.cpp's OpenAI-compatible server starts on the default GGUF on a free port, 
 /v1/models and /v1/completions, and is stopped afterwards (llamacpp marker); a server that
 dies while starting reports its output."""
 
+import os
 import socket
 import sys
 import time
@@ -69,6 +70,28 @@ def test_server_on_the_default_gguf_answers_and_stops():
     assert not srv.running and srv.proc.returncode is not None
     with pytest.raises(ServerError):
         check_endpoint(url, timeout=1.0)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.tools
+def test_llama_server_streams_to_concurrent_clients_and_stops():
+    """llama.cpp's own server (built from the sdist) with 2 slots: a streamed greedy completion
+    equal to the non-streamed one, a 2-client load test without errors, nothing left after."""
+    from edgellm.deploy.loadtest import loadtest, stream_completion
+    from edgellm.models import default_gguf
+
+    with LlamaServer(default_gguf(), engine="llama-server", n_threads=2, ctx=1024,
+                     parallel=2) as srv:
+        text = complete(srv.url, "def add(a, b):", max_tokens=12, temperature=0.0)
+        streamed = stream_completion(srv.url, "def add(a, b):", max_tokens=12)
+        assert streamed["text"] == text and 1 < streamed["tokens"] <= 12
+        rec = loadtest(srv.url + "/v1", ["def add(a, b):", "import os\n"], clients=2,
+                       requests=2, max_tokens=16, deadline_s=120)
+        assert rec["errors"] == 0 and rec["n_ok"] == 4 and rec["tokens_per_s"] > 0
+        pid = srv.proc.pid
+    assert not srv.running
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
 
 
 @pytest.mark.integration

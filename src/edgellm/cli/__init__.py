@@ -28,13 +28,15 @@ from edgellm.cli import (
     production,
     prune,
     quantize,
+    serve,
 )
 from edgellm.cli.common import add_json_arg
 from edgellm.errors import EdgeLLMError
 from edgellm.results import ResultsError, load_records, load_sweep, sweep_names
 
 # the subcommand modules, in the order ``edgellm --help`` lists them
-SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, production, deploy, course)
+SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, production, deploy, serve,
+               course)
 
 
 def build_parser() -> argparse.ArgumentParser:

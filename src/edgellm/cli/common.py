@@ -90,10 +90,39 @@ def parse_threshold(text: str) -> float | None:
 
 
 def check_llamacpp_protocol(protocol: str) -> None:
-    """llama.cpp is evaluated on whole windows from an empty cache: no sliding windows."""
+    """An exported file (llama.cpp, ONNX Runtime, ExecuTorch) is evaluated on whole windows from
+    an empty cache: no sliding windows."""
     if protocol == "sliding":
-        raise UsageError("llama.cpp evaluates whole windows from an empty cache: use --protocol "
-                         "gptq or llamacpp")
+        raise UsageError("an exported runtime evaluates whole windows from an empty cache: use "
+                         "--protocol gptq or llamacpp")
+
+
+#: the runtimes that run an exported file, and the file each runs
+RUNTIME_FILES = {"llamacpp": ("GGUF file", ".gguf", "gguf"),
+                 "onnxruntime": ("model in ONNX format", ".onnx", "onnx"),
+                 "executorch": ("ExecuTorch program", ".pte", "executorch")}
+
+
+def check_runtime_file(runtime: str, path) -> None:
+    """``path`` is a complete file of the kind ``runtime`` runs (else a clear error that says
+    which ``edgellm export --format`` writes one)."""
+    what, suffix, fmt = RUNTIME_FILES[runtime]
+    if not path:
+        raise UsageError(f"--runtime {runtime} runs a {what}: give --model FILE{suffix} "
+                         f"(edgellm export --format {fmt} writes one)")
+    check_in_file(path, what, suffix=suffix)
+    if runtime == "llamacpp":
+        from edgellm.deploy.export import check_gguf
+
+        check_gguf(path)
+    elif runtime == "onnxruntime":
+        from edgellm.deploy.onnx_runtime import check_onnx_file
+
+        check_onnx_file(path)
+    else:
+        from edgellm.deploy.executorch_runtime import check_pte_file
+
+        check_pte_file(path)
 
 
 def check_eval_args(args) -> None:

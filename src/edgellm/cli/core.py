@@ -42,20 +42,23 @@ def add_parsers(sub) -> None:
 
 
 def _add_runtime_args(p) -> None:
-    p.add_argument("--runtime", default="torch", choices=["torch", "llamacpp"],
-                   help="llamacpp: --model is a GGUF file evaluated by llama.cpp itself "
-                        "(llama-cpp-python), same tokens, protocols and keys")
-    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (--runtime llamacpp)")
+    p.add_argument("--runtime", default="torch",
+                   choices=["torch", "llamacpp", "onnxruntime", "executorch"],
+                   help="llamacpp / onnxruntime / executorch: --model is a .gguf / .onnx / .pte "
+                        "file (edgellm export) evaluated by that runtime itself, same tokens, "
+                        "protocols and keys")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the runtime's threads (with --runtime other than torch)")
 
 
 def _load(args, name: str, quiet: bool):
-    """The model to evaluate: a PyTorch model, or with ``--runtime llamacpp`` a GGUF file run
-    by llama.cpp (the tokenizer then comes from the default model, checked against the file's)."""
+    """The model to evaluate: a PyTorch model, or with ``--runtime`` an exported file run by
+    its runtime (the tokenizer then comes from the default model)."""
     if args.runtime == "torch":
         return load_any(name, quiet=quiet)
-    from edgellm.deploy.apply import llamacpp_model
+    from edgellm.deploy.apply import runtime_model
 
-    return llamacpp_model(name, ctx=args.ctx, threads=args.threads)
+    return runtime_model(args.runtime, name, ctx=args.ctx, threads=args.threads)
 
 
 def load_any(name: str, *, quiet: bool = False):
@@ -75,13 +78,10 @@ def load_any(name: str, *, quiet: bool = False):
 
 
 def _check_runtime(args) -> None:
-    from edgellm.cli.common import UsageError, check_in_file, check_llamacpp_protocol
+    from edgellm.cli.common import UsageError, check_llamacpp_protocol, check_runtime_file
 
-    if args.runtime == "llamacpp":
-        from edgellm.deploy.export import check_gguf
-
-        check_in_file(args.model, "GGUF file", suffix=".gguf")
-        check_gguf(args.model)
+    if args.runtime != "torch":
+        check_runtime_file(args.runtime, args.model)
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: give a positive number")
         check_llamacpp_protocol(args.protocol)

@@ -112,7 +112,7 @@ def _check_task(args) -> None:
 
 def check_finetune_args(args) -> None:
     """Every bad value fails here, before the model is loaded."""
-    from edgellm.deploy.apply import LLAMACPP_METHODS
+    from edgellm.deploy.adapters import LLAMACPP_METHODS
     from edgellm.lora.apply import check_bnb, check_lora_args
     from edgellm.lora.layers import INT4_METHODS, MERGE_METHODS, LoRAError
     from edgellm.train import check_settings
@@ -187,7 +187,7 @@ def run_finetune(args) -> dict:
 
     check_finetune_args(args)
     if args.eval_llamacpp:
-        from edgellm.deploy.apply import finetune_on_device
+        from edgellm.deploy.adapters import finetune_on_device
 
         finetune = partial(finetune_on_device, threads=args.threads)
     return finetune(args.model, method=args.method, rank=args.rank, alpha=args.alpha,
@@ -223,7 +223,7 @@ def run_eval_task(args) -> dict:
                             "decoding; drop --prompt / --decoding")
         if args.threads < 1:
             raise LoRAError(f"--threads {args.threads}: give a positive number")
-        from edgellm.deploy.apply import eval_task_llamacpp
+        from edgellm.deploy.adapters import eval_task_llamacpp
 
         return eval_task_llamacpp(args.model, adapter=args.adapter, task=args.task,
                                   merge=args.merge, max_examples=args.max_examples,

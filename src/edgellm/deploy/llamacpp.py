@@ -67,7 +67,8 @@ def build_tools(targets=("llama-perplexity",), version: str | None = None) -> Pa
     missing = [t for t in targets if not (build / "bin" / t).is_file()]
     if missing:
         steps = (["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                  "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                  "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                  f"-DLLAMA_BUILD_SERVER={'ON' if 'llama-server' in missing else 'OFF'}"],
                  ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
                   *missing])
         for cmd in steps:

@@ -184,5 +184,5 @@ def cached_imatrix(f32_gguf, model_name: str, *, data: str = "pydoc", chunks: in
                  "imatrix_chunks": chunks, "imatrix_ctx": ctx}
 
 
-if __name__ == "__main__":  # `make setup` builds the tools once
-    print(f"llama.cpp tools: {build_tools(TOOLS)}")
+if __name__ == "__main__":  # `make setup` builds the tools once (and llama.cpp's own server)
+    print(f"llama.cpp tools: {build_tools((*TOOLS, 'llama-server'))}")

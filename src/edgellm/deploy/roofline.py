@@ -101,3 +101,61 @@ def decode_bound(bandwidth_bytes_per_s: float, bytes_per_token_read: int) -> flo
 def prefill_bound(peak_flops: float, flops_per_token: float) -> float:
     """The compute-bound ceiling on prefill tokens/s."""
     return peak_flops / flops_per_token
+
+
+def kv_bytes_per_position(config, element_size: int = 4) -> int:
+    """Bytes one position of the KV cache holds across all layers (keys and values)."""
+    heads = config.num_key_value_heads or config.num_attention_heads
+    return (2 * config.num_hidden_layers * heads
+            * (config.hidden_size // config.num_attention_heads) * element_size)
+
+
+def model_read(model, *, position: int) -> tuple[int, int, int]:
+    """``(bytes read per decoded token, weights a token multiplies, bytes held)`` of a PyTorch
+    model as stored (quantized linears at their packed size): the tied embedding is read once,
+    as the output matrix, and one row of it for the lookup; an untied input embedding is a lookup,
+    not a matmul."""
+    from edgellm.measure import memory_report
+
+    embed = model.get_input_embeddings().weight
+    mem = memory_report(model)
+    params = {"linears": mem["memory_bytes_linears"], "other": mem["memory_bytes_other"],
+              "embedding": mem["memory_bytes_embedding"]}
+    if model.config.tie_word_embeddings:
+        params["lm_head (tied)"] = params["embedding"]
+    read = bytes_per_token(params, rows={"embedding": embed.shape[0]},
+                           kv_bytes_per_position=kv_bytes_per_position(model.config,
+                                                                       embed.element_size()),
+                           position=position)
+    return read, matmul_weights(model), mem["memory_bytes"]
+
+
+def matmul_weights(model) -> int:
+    """Weights a token multiplies: all parameters, the tied embedding once (as the output
+    matrix); an untied input embedding is a lookup, not a matmul."""
+    n = sum(p.numel() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def default_config():
+    """The default model's config and :func:`matmul_weights`, without loading its weights (the
+    model is built on the meta device): for runtimes that run an exported file of it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgellm.models import DEFAULT_MODEL, ensure_cached
+
+    config = AutoConfig.from_pretrained(ensure_cached(DEFAULT_MODEL, quiet=True))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return config, matmul_weights(model)
+
+
+def file_read(size_bytes: int, config, *, separate_embedding: bool, position: int) -> int:
+    """Bytes read per decoded token of an exported fp32-embedding model file of ``size_bytes``:
+    everything in it once, except a separate (untied) embedding table, of which one row."""
+    table = config.vocab_size * config.hidden_size * 4
+    row = config.hidden_size * 4
+    read = size_bytes - table + row if separate_embedding else size_bytes + row
+    return read + kv_bytes_per_position(config) * position

@@ -1,8 +1,17 @@
 """An OpenAI-compatible completion server on this machine, and a client for any such endpoint.
 
-:class:`LlamaServer` starts llama-cpp-python's server (``python -m llama_cpp.server``, the
-``server`` extra) on a GGUF, bound to 127.0.0.1 on a free port, waits until ``/v1/models``
-answers, and always stops it on exit::
+:class:`LlamaServer` starts one of two engines on a GGUF, bound to 127.0.0.1 on a free port,
+waits until ``/v1/models`` answers, and always stops it on exit:
+
+* ``llama-server``: llama.cpp's own server, built from the llama-cpp-python sdist
+  (:func:`edgellm.deploy.llamacpp.build_tools`), with ``parallel`` slots (``-np``) and continuous
+  batching: several requests decode in one batch;
+* ``llama-cpp-python``: llama-cpp-python's server (``python -m llama_cpp.server``, the
+  ``server`` extra), which answers one request at a time.
+
+The server runs in its own process group and, on Linux, is told to stop when the process that
+started it dies (``PR_SET_PDEATHSIG``): a notebook kernel that restarts leaves no server behind.
+::
 
     with LlamaServer(default_gguf()) as srv:
         text = complete(srv.url, "def fib(n):", max_tokens=32, temperature=0.0)
@@ -65,7 +74,7 @@ def check_endpoint(url: str, *, timeout: float = 3.0) -> dict:
     """``GET {url}/v1/models`` within ``timeout`` seconds: the served models, or a
     :class:`ServerError` naming the URL."""
     if not url.startswith(("http://", "https://")):
-        raise ServerError(f"teacher URL {url!r} must start with http:// or https:// "
+        raise ServerError(f"URL {url!r} must start with http:// or https:// "
                           "(e.g. http://127.0.0.1:8080/v1)")
     target = _base(url) + "/v1/models"
     try:
@@ -73,7 +82,7 @@ def check_endpoint(url: str, *, timeout: float = 3.0) -> dict:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise ServerError(f"no OpenAI-compatible endpoint answers at {url} ({target}: "
-                          f"{reason}); start the server (e.g. python -m llama_cpp.server "
+                          f"{reason}); start the server (e.g. edgellm serve "
                           "--model FILE.gguf) or check the URL") from None
 
 
@@ -102,33 +111,78 @@ def complete(url: str, prompt: str, *, max_tokens: int = 64, temperature: float 
                           f"{json.dumps(out)[:300]}") from None
 
 
-class LlamaServer:
-    """llama-cpp-python's OpenAI-compatible server on ``gguf``, as a context manager.
+ENGINES = ("llama-server", "llama-cpp-python")
 
-    ``port`` (default: a free one), ``n_threads`` and ``ctx`` (context length) go to the
-    server; ``startup_timeout`` bounds the health check.  ``.url`` is ``http://127.0.0.1:PORT``.
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LlamaServer:
+    """An OpenAI-compatible server on ``gguf``, as a context manager.
+
+    ``engine`` (:data:`ENGINES`), ``port`` (default: a free one; a port in use is an error that
+    suggests a free one), ``n_threads``, ``ctx`` (context length, shared by the slots),
+    ``parallel`` (llama-server's slots), ``lora`` (a GGUF LoRA applied on top);
+    ``startup_timeout`` bounds the health check.  ``.url`` is ``http://127.0.0.1:PORT``.
     """
 
-    def __init__(self, gguf, *, port: int | None = None, n_threads: int = 1, ctx: int = 2048,
+    def __init__(self, gguf, *, engine: str = "llama-cpp-python", port: int | None = None,
+                 n_threads: int = 1, ctx: int = 2048, parallel: int = 1, lora=None,
                  startup_timeout: float = 120.0, extra_bufts: bool = False):
         self.gguf = Path(gguf)
+        if engine not in ENGINES:
+            raise ServerError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         if not self.gguf.is_file():
             raise ServerError(f"no GGUF file at {self.gguf}; give the path of a .gguf model")
-        self.port = port or free_port()
+        self.lora = None if lora is None else Path(lora)
+        if self.lora is not None and not self.lora.is_file():
+            raise ServerError(f"no GGUF LoRA at {self.lora}; write one with edgellm export "
+                              "--adapter DIR --format gguf")
+        if port is not None and not port_free(port):
+            raise ServerError(f"port {port} on 127.0.0.1 is in use; pick another (e.g. "
+                              f"--port {free_port()}) or leave --port out for a free one")
+        self.engine, self.port = engine, port or free_port()
         self.n_threads, self.ctx, self.startup_timeout = n_threads, ctx, startup_timeout
-        self.extra_bufts = extra_bufts
+        self.parallel, self.extra_bufts = parallel, extra_bufts
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self._log = None
 
     def command(self) -> list[str]:
-        """``python -m edgellm.deploy.server …``: llama_cpp.server's own command line, run
-        through :func:`main` (which sets llama.cpp's model defaults first)."""
-        return [sys.executable, "-m", "edgellm.deploy.server",
-                "--extra-bufts" if self.extra_bufts else "--no-extra-bufts",
-                "--model", str(self.gguf),
-                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads",
-                str(self.n_threads), "--n_ctx", str(self.ctx)]
+        """llama-server's command line, or ``python -m edgellm.deploy.server …``:
+        llama_cpp.server's own command line, run through :func:`main` (which sets llama.cpp's
+        model defaults first)."""
+        if self.engine == "llama-server":
+            from edgellm.deploy.llamacpp import build_tools
+
+            cmd = [str(build_tools(("llama-server",)) / "llama-server"), "-m", str(self.gguf),
+                   "--host", "127.0.0.1", "--port", str(self.port), "-t", str(self.n_threads),
+                   "-tb", str(self.n_threads), "-c", str(self.ctx), "-np", str(self.parallel),
+                   "-cb", "--no-webui"]
+            if not self.extra_bufts:
+                cmd.append("--no-repack")   # see main(): llama.cpp's extra buffer types
+            return cmd + ([] if self.lora is None else ["--lora", str(self.lora)])
+        cmd = [sys.executable, "-m", "edgellm.deploy.server",
+               "--extra-bufts" if self.extra_bufts else "--no-extra-bufts",
+               "--model", str(self.gguf),
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_threads",
+               str(self.n_threads), "--n_ctx", str(self.ctx)]
+        return cmd + ([] if self.lora is None else ["--lora_path", str(self.lora)])
 
     def _tail(self) -> str:
         if self._log is None:
@@ -138,15 +192,24 @@ class LlamaServer:
         return self._log.read().decode(errors="replace")[-1500:]
 
     def start(self) -> LlamaServer:
-        try:
-            import llama_cpp.server  # noqa: F401  (fastapi, uvicorn … of the server extra)
-        except ImportError as e:
-            raise ServerError(f"llama-cpp-python's server is not installed ({e}); install "
-                              "the extra: pip install 'llama-cpp-python[server]'") from None
+        if self.engine == "llama-cpp-python":
+            try:
+                import llama_cpp.server  # noqa: F401  (fastapi, uvicorn … of the server extra)
+            except ImportError as e:
+                raise ServerError(f"llama-cpp-python's server is not installed ({e}); install "
+                                  "the extra: pip install 'llama-cpp-python[server]'") from None
+        command = self.command()
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                                      env={**os.environ, "OMP_NUM_THREADS": str(self.n_threads)})
+        try:
+            return self._wait_ready()
+        except BaseException:                      # Ctrl-C or SIGTERM while starting, too
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> LlamaServer:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
@@ -168,14 +231,22 @@ class LlamaServer:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        """Terminate, wait, kill if it does not stop: never leaves a server behind."""
+        """Terminate its process group, wait, kill if it does not stop: never leaves a server
+        (or a child of it) behind."""
+        import signal
+
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            group = self.proc.pid                  # its own session: group id = its pid
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(group, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -192,7 +192,42 @@ def gguf_summary(path) -> dict:
 
 
 RUNTIME_NAMES = {"torch": "torch eager fp32", "bnb": "bitsandbytes NF4",
-                 "torchao": "torchao int8 (w)"}
+                 "torchao": "torchao int8 (w)", "onnxruntime": "ONNX Runtime",
+                 "executorch": "ExecuTorch"}
+
+
+def runtime_name(rec: dict) -> str:
+    """``torch eager fp32``, ``llama.cpp Q4_0``, ``ONNX Runtime int8``, ``ExecuTorch 8da4w`` …
+    (the file's type is the last part of its name: ``rt-<type>.<ext>``)."""
+    if rec["runtime"] in ("torch", "bnb", "torchao"):
+        return RUNTIME_NAMES[rec["runtime"]]
+    stem = rec["model"].rsplit("/", 1)[-1].split(".", 1)[0].removeprefix("rt-")
+    return f"{RUNTIME_NAMES.get(rec['runtime'], 'llama.cpp')} {stem}"
+
+
+def runtime_quality(runtimes: list[dict], types: list[dict] = (), ours: list[dict] = ()) -> dict:
+    """``{runtime name: {ppl, delta_nll, se, kl_mean, top1}}`` on the same 8,192 pydoc test
+    tokens against PyTorch fp32: the ONNX / ExecuTorch exports evaluated by their runtime
+    (``edgellm export --eval`` records of ``results/11_runtimes``), llama.cpp's types from
+    :func:`type_rows` of ``results/11_types`` (token embedding Q8_0, no importance matrix) and
+    our GPTQ file from :func:`ours_rows` of ``results/11_ours``; PyTorch fp32 is the
+    reference itself."""
+    out = {"torch eager fp32": {"ppl": None, "delta_nll": 0.0, "se": 0.0, "kl_mean": 0.0,
+                                "top1": 1.0}}
+
+    keys = ("ppl", "delta_nll", "se", "kl_mean", "top1")
+    for r in runtimes:
+        if r.get("format") in ("onnx", "executorch") and "delta_nll" in r:
+            out[runtime_name({"runtime": r["runtime"], "model": r["out"]})] = {
+                "ppl": r["ppl"], "delta_nll": r["delta_nll"], "se": r["delta_nll_stderr"],
+                "kl_mean": r["kl_mean"], "top1": r["top1_agreement"]}
+    for r in types:                                      # rows of type_rows
+        if r["model"] == "smollm2-135m" and not r["imatrix"] and not r["default_embedding"]:
+            out[f"llama.cpp {r['type']}"] = {k: r[k] for k in keys}
+    for r in ours:                                       # rows of ours_rows
+        if r["model"] == "smollm2-135m" and r["method"] == "gptq" and r["type"] == "Q4_0":
+            out["llama.cpp gptq-Q4_0"] = {k: r[k] for k in keys}
+    return out
 
 
 def runtime_rows(records: list[dict]) -> list[dict]:
@@ -202,8 +237,7 @@ def runtime_rows(records: list[dict]) -> list[dict]:
     for r in records:
         if r.get("protocol") != "runtime":
             continue
-        name = RUNTIME_NAMES.get(r["runtime"]) or \
-            "llama.cpp " + r["model"].rsplit("-", 1)[-1].removesuffix(".gguf")
+        name = runtime_name(r)
         base = {"threads": r["threads"], "size_bytes": r["size_bytes"],
                 "bytes_per_token": r["bytes_per_token"], "bound": r["decode_bound_tokens_per_s"],
                 "prefill_bound": r.get("prefill_bound_tokens_per_s"),
@@ -221,14 +255,29 @@ def runtime_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def format_quality_table(quality: dict, names: list[str]) -> str:
+    """ΔNLL ± SE, KL and top-1 of each runtime's file against PyTorch fp32 (same tokens)."""
+    head = f"{'runtime / file':<26}{'ΔNLL ± SE':>20}{'KL':>9}{'top-1':>8}  vs fp32 (2 SE)"
+    lines = [head, "-" * len(head)]
+    for n in names:
+        q = quality.get(n.replace("llama-bench", "llama.cpp"))
+        if q is None:
+            lines.append(f"{n:<26}{'not measured on these tokens':>37}")
+            continue
+        v = "reference" if n.startswith("torch") else verdict(q["delta_nll"], q["se"])
+        lines.append(f"{n:<26}{q['delta_nll']:>+11.4f} ± {q['se']:<6.4f}{q['kl_mean']:>9.4f}"
+                     f"{q['top1']:>8.1%}  {v}")
+    return "\n".join(lines)
+
+
 def format_runtime_table(rows: list[dict]) -> str:
-    head = (f"{'runtime / file':<22}{'thr':>4}{'MiB':>7}{'load s':>8}{'TTFT s':>8}"
+    head = (f"{'runtime / file':<26}{'thr':>4}{'MiB':>7}{'load s':>8}{'TTFT s':>8}"
             f"{'prefill t/s':>12}{'decode t/s':>11}{'bound t/s':>10}{'of bound':>9}{'peak RSS':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         opt = (lambda v, f: format(v, f) if v is not None else "—")
         rss = "—" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"
-        lines.append(f"{r['name']:<22}{r['threads']:>4}{r['size_bytes'] / 2**20:>7.0f}"
+        lines.append(f"{r['name']:<26}{r['threads']:>4}{r['size_bytes'] / 2**20:>7.0f}"
                      f"{opt(r['load_s'], '.2f'):>8}{opt(r['ttft_s'], '.3f'):>8}"
                      f"{r['prefill']:>12.0f}{r['decode']:>11.1f}{r['bound']:>10.1f}"
                      f"{r['fraction']:>9.0%}{rss:>10}")
@@ -273,15 +322,14 @@ def plot_roofline(rows: list[dict], machine: dict, *, n_weights: int, prompt_tok
     return fig
 
 
-def deployment_widget(types: list[dict], runtimes: list[dict]):
-    """Pick a file type, a runtime and a thread count: size, quality (``results/11_types``) and
-    speed against the decode bound (``results/11_runtimes``)."""
+def deployment_widget(quality: dict, runtimes: list[dict]):
+    """Pick a runtime × file and a thread count: size, quality against PyTorch fp32
+    (:func:`runtime_quality`) and speed against the decode bound (:func:`runtime_rows`)."""
     import ipywidgets as W
     from IPython.display import display
 
     names = sorted({r["name"] for r in runtimes})
     threads = sorted({r["threads"] for r in runtimes})
-    quality = {r["type"]: r for r in types if not r["imatrix"] and not r["default_embedding"]}
     pick = W.Dropdown(options=names, description="runtime / file")
     thr = W.ToggleButtons(options=threads, description="threads")
     out = W.Output()
@@ -294,15 +342,17 @@ def deployment_widget(types: list[dict], runtimes: list[dict]):
             if r is None:
                 print("not recorded")
                 return
-            t = pick.value.split()[-1]
-            q = quality.get(t) if r["runtime"] != "torch" else quality.get("F32")
+            q = quality.get(pick.value.replace("llama-bench", "llama.cpp"))
             print(f"{pick.value}, {thr.value} thread(s): {r['size_bytes'] / 2**20:.0f} MiB")
             print(f"  decode {r['decode']:.1f} tokens/s = {r['fraction']:.0%} of the bound "
                   f"{r['bound']:.1f} (reads {r['bytes_per_token'] / 2**20:.0f} MiB a token)")
             print(f"  prefill {r['prefill']:.0f} tokens/s")
-            if q:
-                print(f"  quality ({t}): PPL {q['ppl']:.3f}, ΔNLL {q['delta_nll']:+.4f} ± "
-                      f"{q['se']:.4f}, KL {q['kl_mean']:.4f}, top-1 {q['top1']:.1%}")
+            if q is None:
+                print("  quality: not measured on the lesson's tokens")
+            else:
+                print(f"  quality against PyTorch fp32: ΔNLL {q['delta_nll']:+.4f} ± "
+                      f"{q['se']:.4f} ({verdict(q['delta_nll'], q['se'])}), KL "
+                      f"{q['kl_mean']:.4f}, top-1 {q['top1']:.1%}")
 
     pick.observe(show, "value")
     thr.observe(show, "value")
