@@ -308,7 +308,8 @@ def export_runtime(model_name: str | None = None, *, out, fmt: str, qtype: str =
     if evaluate is not None:
         runtime = "onnxruntime" if fmt == "onnx" else "executorch"
         lm, _ = runtime_model(runtime, out, threads=threads)
-        reference, _ = load_model(model_name, quiet=True)   # export_pte changed ``model``
-        rec.update(evaluate_paired(lm, reference, tok, **evaluate), runtime=runtime)
+        if fmt != "onnx":                  # export_pte untied and quantized ``model`` in place
+            model, _ = load_model(model_name, quiet=True)
+        rec.update(evaluate_paired(lm, model, tok, **evaluate), runtime=runtime)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, protocol=rec.get("protocol", "export"), data=rec.get("data"))

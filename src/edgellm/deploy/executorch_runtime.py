@@ -154,18 +154,20 @@ class PteLM(torch.nn.Module):
 def bench_executorch(path, ids: list[int], *, gen_tokens: int = 128, threads: int = 1,
                      repeats: int = 3) -> dict:
     """ExecuTorch on a ``.pte`` file: load, prefill and decode timings."""
-    from edgellm.deploy.runtime import _summary
+    from edgellm.deploy.runtime import timed_generation
 
     t0 = time.perf_counter()
     lm = PteLM(path, threads=threads)
     load_s = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats + 1):                      # the first run warms up, untimed
-        t0 = time.perf_counter()
-        out = [int(lm.step(ids, 0)[0, -1].argmax())]
-        first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        while len(out) < gen_tokens:
-            out.append(int(lm.step(out[-1:], len(ids) + len(out) - 1)[0, -1].argmax()))
-        runs.append((first, time.perf_counter() - t1, out))
-    return _summary(runs[1:], load_s, len(ids), gen_tokens)
+    position = {}
+
+    def prefill(prompt):
+        position["next"] = len(prompt)
+        return int(lm.step(prompt, 0)[0, -1].argmax())
+
+    def step(token):
+        position["next"] += 1
+        return int(lm.step([token], position["next"] - 1)[0, -1].argmax())
+
+    return timed_generation(prefill, step, ids, gen_tokens=gen_tokens, repeats=repeats,
+                            load_s=load_s)

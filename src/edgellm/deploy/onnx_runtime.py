@@ -229,20 +229,20 @@ def bench_onnx(path, ids: list[int], *, gen_tokens: int = 128, threads: int = 1,
                repeats: int = 3) -> dict:
     """onnxruntime on an exported file: load, prefill and decode timings (the cache goes in and
     out of each step as numpy arrays, as an application using the plain API does)."""
-    from edgellm.deploy.runtime import _summary
+    from edgellm.deploy.runtime import timed_generation
 
     t0 = time.perf_counter()
     lm = OrtLM(path, threads=threads)
     load_s = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats + 1):                      # the first run warms up, untimed
-        t0 = time.perf_counter()
-        logits, past = lm.step(ids)
-        out = [int(logits[0, -1].argmax())]
-        first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        while len(out) < gen_tokens:
-            logits, past = lm.step(out[-1:], past)
-            out.append(int(logits[0, -1].argmax()))
-        runs.append((first, time.perf_counter() - t1, out))
-    return _summary(runs[1:], load_s, len(ids), gen_tokens)
+    state = {}
+
+    def prefill(prompt):
+        logits, state["past"] = lm.step(prompt)
+        return int(logits[0, -1].argmax())
+
+    def step(token):
+        logits, state["past"] = lm.step([token], state["past"])
+        return int(logits[0, -1].argmax())
+
+    return timed_generation(prefill, step, ids, gen_tokens=gen_tokens, repeats=repeats,
+                            load_s=load_s)

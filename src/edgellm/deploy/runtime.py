@@ -96,26 +96,44 @@ def bench_llamacpp(gguf, ids: list[int], *, gen_tokens: int = 128, threads: int 
     return out
 
 
+def timed_generation(prefill, step, ids: list[int], *, gen_tokens: int, repeats: int,
+                     load_s: float | None) -> dict:
+    """The timings of :func:`_summary` for a runtime given as two functions: ``prefill(ids)``
+    returns the first greedy token (from an empty cache), ``step(token)`` the next one (the
+    runtime keeps its cache between calls; ``prefill`` starts it again).  ``repeats`` timed
+    runs after one untimed warm-up."""
+    runs = []
+    for _ in range(repeats + 1):                       # the first run warms up, untimed
+        t0 = time.perf_counter()
+        out = [prefill(ids)]
+        first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        while len(out) < gen_tokens:
+            out.append(step(out[-1]))
+        runs.append((first, time.perf_counter() - t1, out))
+    return _summary(runs[1:], load_s, len(ids), gen_tokens)
+
+
 @torch.inference_mode()
 def bench_torch(model, ids: list[int], *, gen_tokens: int = 128, repeats: int = 3,
                 load_s: float | None = None) -> dict:
     """A Hugging Face model in eager PyTorch: the same timings (``load_s`` is measured by the
     caller, who loaded the model)."""
-    x = torch.tensor([ids])
-    runs = []
-    for _ in range(repeats + 1):                       # the first run warms up, untimed
-        t0 = time.perf_counter()
-        o = model(input_ids=x, use_cache=True)
-        nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-        first = time.perf_counter() - t0
-        cache, out = o.past_key_values, [int(nxt)]
-        t1 = time.perf_counter()
-        while len(out) < gen_tokens:
-            o = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-            out.append(int(nxt))
-        runs.append((first, time.perf_counter() - t1, out))
-    return _summary(runs[1:], load_s, len(ids), gen_tokens)
+    state = {}
+
+    def prefill(prompt):
+        o = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        state["cache"] = o.past_key_values
+        return int(o.logits[0, -1].argmax())
+
+    def step(token):
+        o = model(input_ids=torch.tensor([[token]]), past_key_values=state["cache"],
+                  use_cache=True)
+        state["cache"] = o.past_key_values
+        return int(o.logits[0, -1].argmax())
+
+    return timed_generation(prefill, step, ids, gen_tokens=gen_tokens, repeats=repeats,
+                            load_s=load_s)
 
 
 def _summary(runs, load_s, n_prompt: int, gen_tokens: int) -> dict:
