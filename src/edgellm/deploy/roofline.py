@@ -103,19 +103,13 @@ def prefill_bound(peak_flops: float, flops_per_token: float) -> float:
     return peak_flops / flops_per_token
 
 
-def kv_bytes_per_position(config, element_size: int = 4) -> int:
-    """Bytes one position of the KV cache holds across all layers (keys and values)."""
-    heads = config.num_key_value_heads or config.num_attention_heads
-    return (2 * config.num_hidden_layers * heads
-            * (config.hidden_size // config.num_attention_heads) * element_size)
-
-
 def model_read(model, *, position: int) -> tuple[int, int, int]:
     """``(bytes read per decoded token, weights a token multiplies, bytes held)`` of a PyTorch
     model as stored (quantized linears at their packed size): the tied embedding is read once,
     as the output matrix, and one row of it for the lookup; an untied input embedding is a lookup,
     not a matmul."""
     from edgellm.measure import memory_report
+    from edgellm.quant.kv import kv_cache_bytes
 
     embed = model.get_input_embeddings().weight
     mem = memory_report(model)
@@ -124,8 +118,8 @@ def model_read(model, *, position: int) -> tuple[int, int, int]:
     if model.config.tie_word_embeddings:
         params["lm_head (tied)"] = params["embedding"]
     read = bytes_per_token(params, rows={"embedding": embed.shape[0]},
-                           kv_bytes_per_position=kv_bytes_per_position(model.config,
-                                                                       embed.element_size()),
+                           kv_bytes_per_position=kv_cache_bytes(model.config, 1,
+                                                                8 * embed.element_size()),
                            position=position)
     return read, matmul_weights(model), mem["memory_bytes"]
 
@@ -155,7 +149,9 @@ def default_config():
 def file_read(size_bytes: int, config, *, separate_embedding: bool, position: int) -> int:
     """Bytes read per decoded token of an exported fp32-embedding model file of ``size_bytes``:
     everything in it once, except a separate (untied) embedding table, of which one row."""
+    from edgellm.quant.kv import kv_cache_bytes
+
     table = config.vocab_size * config.hidden_size * 4
     row = config.hidden_size * 4
     read = size_bytes - table + row if separate_embedding else size_bytes + row
-    return read + kv_bytes_per_position(config) * position
+    return read + kv_cache_bytes(config, 1, 32) * position
