@@ -129,7 +129,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # the fast tier (make test-fast): tiny models only, and a guard so that the split cannot leak
 
 SLOW_FIXTURES = {"default_model", "notebook_run", "rendered_course"}
-SLOW_MARKERS = {"integration", "notebook", "browser", "llamacpp", "runtimes"}
+SLOW_MARKERS = {"integration", "notebook", "browser", "llamacpp", "runtimes", "kernels"}
 FAST_TIER = os.environ.get("EDGELLM_TEST_TIER", "") == "fast"
 if FAST_TIER:
     # `edgellm` subprocesses cannot be patched: point their model cache below a plain file, so

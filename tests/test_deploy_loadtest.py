@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from edgellm.deploy.loadtest import loadtest, percentile, stream_completion
+from edgellm.deploy.loadtest import loadtest, percentile, stream_chat, stream_completion
 from edgellm.deploy.server import LlamaServer, ServerError, free_port, port_free
 from edgellm.measure import check_speed_keys
 
@@ -34,7 +34,8 @@ class FakeStream(BaseHTTPRequestHandler):
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if "FAIL" in req["prompt"]:
+        chat = self.path.endswith("/chat/completions")
+        if "FAIL" in (req["messages"][-1]["content"] if chat else req["prompt"]):
             self.send_error(500, "boom")
             return
         self.send_response(200)
@@ -43,7 +44,8 @@ class FakeStream(BaseHTTPRequestHandler):
         for i in range(req["max_tokens"]):
             time.sleep(0.005)
             last = i == req["max_tokens"] - 1
-            event = {"choices": [{"text": f" w{i}", "index": 0,
+            piece = {"delta": {"content": f" w{i}"}} if chat else {"text": f" w{i}"}
+            event = {"choices": [{**piece, "index": 0,
                                   "finish_reason": "length" if last else None}]}
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
@@ -73,6 +75,13 @@ def test_one_stream_counts_tokens_and_times_them(fake_url):
     assert len(r["itl_s"]) == 6 and all(x >= 0 for x in r["itl_s"])
     assert r["seconds"] >= 0.035                      # seven events 5 ms apart, at least
     assert 0 < r["ttft_s"] and r["ttft_s"] + sum(r["itl_s"]) <= r["seconds"]
+
+
+def test_chat_streams_pieces_and_reports_errors(fake_url):
+    pieces = list(stream_chat(fake_url, [{"role": "user", "content": "hi"}], max_tokens=4))
+    assert pieces == [" w0", " w1", " w2", " w3"]
+    with pytest.raises(ServerError, match="500"):
+        list(stream_chat(fake_url, [{"role": "user", "content": "FAIL"}], max_tokens=4))
 
 
 def test_loadtest_aggregates_clients_and_counts_errors(fake_url):

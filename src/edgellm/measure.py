@@ -47,6 +47,8 @@ SPEED_PROTOCOLS = {
     "decode": "greedy generation at batch 1 with the KV cache after an untimed `prompt_tokens` "
               "prompt and `warmup` untimed steps; median of `repeats` runs of `new_tokens` steps "
               "(memory- and overhead-bound)",
+    "generate": "greedy, batch 1, KV cache: `new_tokens` after each of `prompts` prompts of "
+                "`prompt_tokens` tokens, prefill included; new tokens / wall seconds of all prompts",
     "paired-prefill": "candidate and reference forward passes (`batch` x `seq_len`, logits of the "
                       "last position) timed alternately in one process, `repeats` pairs after a "
                       "warm-up; each tokens/s is the median over pairs, speedup the median of the "

@@ -24,6 +24,7 @@ from edgellm.cli import (
     deploy,
     distill,
     finetune,
+    kernels,
     lowrank,
     production,
     prune,
@@ -36,7 +37,7 @@ from edgellm.results import ResultsError, load_records, load_sweep, sweep_names
 
 # the subcommand modules, in the order ``edgellm --help`` lists them
 SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, production, deploy, serve,
-               course)
+               kernels, course)
 
 
 def build_parser() -> argparse.ArgumentParser:

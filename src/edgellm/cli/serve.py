@@ -1,5 +1,6 @@
 """``edgellm serve``: a GGUF behind an OpenAI-compatible server on 127.0.0.1 until Ctrl-C or
-SIGTERM; ``edgellm loadtest``: concurrent streamed requests against such a server, bounded.
+SIGTERM; ``edgellm loadtest``: concurrent streamed requests against such a server, bounded;
+``edgellm speculative``: greedy speculative decoding timed against plain decoding.
 
 ::
 
@@ -54,6 +55,36 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", default="pydoc", help="prompts: the test split's lines of this corpus")
     add_json_arg(p)
     p.set_defaults(func=run_loadtest)
+
+    p = sub.add_parser("speculative", help="greedy speculative decoding against plain decoding",
+                       description=SPECULATIVE_DOC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="smollm2-135m", help="the model that decides (default: %(default)s)")
+    p.add_argument("--draft", default="prompt-lookup",
+                   help="prompt-lookup (n-grams of the sequence itself), drop-layers (the target "
+                        "with half its layers dropped, untrained) or a model sharing the "
+                        "tokenizer: smollm2-135m-draft (distilled, lesson 07) or a folder")
+    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per target step")
+    p.add_argument("--prompts", type=int, default=8, help="prompts from the corpus' test split")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runtime", default="torch", choices=["torch"],
+                   help="where the loop runs (PyTorch, KV cache rolled back on rejection)")
+    p.add_argument("--data", default="pydoc")
+    add_json_arg(p)
+    p.set_defaults(func=run_speculative)
+
+
+SPECULATIVE_DOC = """Greedy speculative decoding: a proposer drafts --gamma tokens, the target
+checks them in one pass and keeps the prefix it agrees with plus its own next token, so the output
+is the target's plain greedy output.  Keys: acceptance_rate, tokens_per_step (and the formula's
+tokens_per_step_expected = (1 - a^(g+1)) / (1 - a)), speedup (plain / speculative wall seconds,
+prefill included), identical (the ids equal plain greedy's for every prompt).
+
+    edgellm speculative --draft prompt-lookup --gamma 4 --json
+    edgellm speculative --draft smollm2-135m-draft --gamma 3 --json
+"""
 
 
 def _positive(**flags) -> None:
@@ -160,3 +191,24 @@ def run_loadtest(args) -> dict:
         rec.update(model=args.model, engine=args.engine, parallel=args.parallel,
                    server_threads=args.threads, url=None)
     return record(rec, protocol="loadtest", data=args.data)
+
+
+def run_speculative(args) -> dict:
+    from edgellm.cli.common import check_model_name
+    from edgellm.data import load_text
+    from edgellm.deploy.apply import speculative
+    from edgellm.models import DERIVED, derived_folder
+
+    _positive(gamma=args.gamma, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+              new_tokens=args.new_tokens, threads=args.threads)
+    if args.gamma > 16:
+        raise UsageError(f"--gamma {args.gamma}: draft at most 16 tokens per step")
+    check_model_name(args.target, "--target")
+    if args.draft not in ("prompt-lookup", "drop-layers"):
+        check_model_name(args.draft, "--draft")
+        if args.draft in DERIVED:
+            derived_folder(args.draft)            # says how to build it when it is missing
+    load_text(args.data, "test")
+    return speculative(args.target, draft=args.draft, gamma=args.gamma, n_prompts=args.prompts,
+                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                       threads=args.threads, data=args.data, runtime=args.runtime)

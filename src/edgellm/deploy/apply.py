@@ -313,3 +313,88 @@ def export_runtime(model_name: str | None = None, *, out, fmt: str, qtype: str =
         rec.update(evaluate_paired(lm, model, tok, **evaluate), runtime=runtime)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, protocol=rec.get("protocol", "export"), data=rec.get("data"))
+
+
+SPECULATIVE_RUNTIMES = ("torch",)
+
+
+def speculative(target: str | None = None, *, draft: str = "prompt-lookup", gamma: int = 4,
+                n_prompts: int = 8, prompt_tokens: int = 128, new_tokens: int = 64,
+                threads: int = 1, data: str = "pydoc", runtime: str = "torch",
+                progress=None) -> dict:
+    """The record of ``edgellm speculative``: greedy speculative decoding of ``target`` with
+    ``draft`` (``prompt-lookup``; ``drop-layers``, the target with half its layers dropped by
+    block influence and not trained; or a model name / folder sharing the tokenizer, e.g. the
+    distilled ``smollm2-135m-draft``) against plain greedy decoding of the same prompts
+    (:func:`edgellm.deploy.speculative.compare`).  For a draft model also its cost per step
+    relative to the target's (``cost_ratio``, from both models' decode speed) and the speedup the
+    formula predicts (``speedup_expected``).  Fails when nothing was accepted (no speculation
+    happened, so ``identical`` would mean nothing)."""
+    from edgellm.data import get_calibration, get_tokens
+    from edgellm.deploy.speculative import (
+        DraftModel,
+        PromptLookup,
+        SpeculativeError,
+        check_vocab,
+        compare,
+        expected_speedup,
+    )
+    from edgellm.measure import check_speed_keys, decode_tokens_per_s, protocol
+    from edgellm.models import DEFAULT_MODEL, load_model
+    from edgellm.records import record
+
+    if runtime not in SPECULATIVE_RUNTIMES:
+        raise SpeculativeError(f"runtime {runtime!r}: speculative decoding runs in "
+                               f"{', '.join(SPECULATIVE_RUNTIMES)}")
+    target = target or DEFAULT_MODEL
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, tok = load_model(target, quiet=True)
+        ids = get_tokens(data, tok, "test")
+        stride = (ids.numel() - prompt_tokens - new_tokens) // n_prompts
+        if stride < prompt_tokens:
+            raise SpeculativeError(f"{data}/test is too short for {n_prompts} prompts of "
+                                   f"{prompt_tokens} tokens; ask for fewer prompts")
+        prompts = [ids[i * stride:i * stride + prompt_tokens].tolist() for i in range(n_prompts)]
+        info: dict = {"draft": draft}
+        if draft == "prompt-lookup":
+            proposer, draft_model = PromptLookup(), None
+        else:
+            if draft == "drop-layers":
+                from edgellm.distill.students import make_student
+
+                calib = get_calibration(data, n_samples=8, seq_len=256, tokenizer=tok)
+                draft_model, sinfo = make_student(model, "drop-layers", ratio=0.5, calib=calib)
+                info.update(draft_kept=sinfo["kept"])
+            else:
+                draft_model = load_model(draft, quiet=True)[0]
+            check_vocab(model, draft_model)
+            info.update(draft_n_layers=draft_model.config.num_hidden_layers)
+            proposer = DraftModel(draft_model, name=draft)
+        res = compare(model, prompts, proposer, gamma=gamma, new_tokens=new_tokens,
+                      progress=progress)
+        if res["accepted"] == 0 or res["tokens_per_step"] <= 1:
+            raise SpeculativeError(f"draft {draft!r} had none of its {res['drafted']} tokens "
+                                   "accepted: nothing was speculated, so the comparison says "
+                                   "nothing; try --draft prompt-lookup or a distilled draft")
+        gen = protocol("generate", batch=1, prompts=n_prompts, prompt_tokens=prompt_tokens,
+                       new_tokens=new_tokens)
+        speed = {"decode_tokens_per_s": gen, "decode_tokens_per_s_base": gen,
+                 "speedup": {**gen, "ratio": "plain seconds / speculative seconds"}}
+        if draft_model is not None:
+            prompt = torch.tensor(prompts[0])
+            t_tps = decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3)
+            d_tps = decode_tokens_per_s(draft_model, prompt, new_tokens=32, repeats=3)
+            c = t_tps["decode_tokens_per_s"] / d_tps["decode_tokens_per_s"]
+            info.update(cost_ratio=c, speedup_expected=expected_speedup(
+                res["acceptance_rate"], gamma, c))
+        else:
+            info.update(cost_ratio=0.0, speedup_expected=res["tokens_per_step_expected"])
+        rec = record({**res, **info, "speed_protocol": speed}, model=target, data=data,
+                     gamma=gamma, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
+                     new_tokens=new_tokens, runtime=runtime)
+        check_speed_keys(rec)
+        return rec
+    finally:
+        torch.set_num_threads(old)

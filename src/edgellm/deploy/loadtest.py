@@ -72,6 +72,32 @@ def stream_completion(url: str, prompt: str, *, max_tokens: int = 64,
             "finish_reason": finish}
 
 
+def stream_chat(url: str, messages: list[dict], *, max_tokens: int = 128,
+                timeout_s: float = 120.0):
+    """Stream a chat answer from ``/v1/chat/completions`` with ``httpx``: yields the text pieces
+    as the server sends them (greedy), as an app would show them while they arrive."""
+    import httpx
+
+    payload = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+               "stream": True, "seed": 0}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", _base(url) + "/v1/chat/completions", json=payload,
+                      headers=_auth(), timeout=timeout_s) as resp:
+        if resp.status_code != 200:
+            raise ServerError(f"{url} answered {resp.status_code}: {resp.read()[:200]!r}")
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            delta = ((json.loads(data).get("choices") or [{}])[0].get("delta") or {})
+            if delta.get("content"):
+                yield delta["content"]
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"stream exceeded {timeout_s:.0f} s")
+
+
 def loadtest(url: str, prompts: list[str], *, clients: int = 1, requests: int = 4,
              max_tokens: int = 64, timeout_s: float = 120.0, deadline_s: float = 600.0) -> dict:
     """``clients`` concurrent clients × ``requests`` streamed requests each (prompts taken in
