@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from edgellm.deploy.adapters import first_difference
 from edgellm.deploy.speculative import (
     DraftModel,
     PromptLookup,
@@ -16,7 +17,6 @@ from edgellm.deploy.speculative import (
     compare,
     expected_speedup,
     expected_tokens_per_step,
-    first_difference,
     greedy,
     simulate_tokens_per_step,
     speculative,

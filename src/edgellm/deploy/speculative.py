@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgellm.deploy.adapters import first_difference
 from edgellm.errors import EdgeLLMError
 
 
@@ -191,14 +192,6 @@ def speculative(model, prompt: list[int], new_tokens: int, proposer, *, gamma: i
         hist[n] += 1
     return {"ids": seq[len(prompt):len(prompt) + new_tokens], "target_steps": steps,
             "drafted": drafted, "accepted": accepted, "accept_hist": hist}
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """The first index where two id lists differ (a length difference counts), else None."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def check_vocab(target, draft) -> None:

@@ -54,15 +54,14 @@ def check_shape(n: int, k: int) -> None:
 
 def quantize_q4_0(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``W`` (N, K) float → ``(codes, scales)``: codes (N, K) uint8 in 0..15, scales (N, K/32)
-    float16, with ``w ≈ scale · (code − 8)`` (llama.cpp's Q4_0 grid, bit for bit)."""
+    float16, with ``w ≈ scale · (code − 8)``: llama.cpp's Q4_0 grid, bit for bit, as
+    :func:`edgellm.quant.gguf_formats.quantize_gguf` computes it (its codes are −8..7)."""
+    from edgellm.quant.gguf_formats import quantize_gguf
+
     N, K = W.shape
     check_shape(N, K)
-    Wg = W.float().reshape(N, K // QK, QK)                             # (N, G, 32)
-    idx = Wg.abs().argmax(-1, keepdim=True)                            # first largest |w|
-    d = torch.gather(Wg, -1, idx) / -8                                 # (N, G, 1) fp32, signed
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)            # llama.cpp's id
-    q = torch.clamp((Wg * inv + 8.5).trunc(), max=15)                  # ≥ 0.5 before trunc
-    return q.to(torch.uint8).reshape(N, K), d.squeeze(-1).to(torch.float16)
+    qt = quantize_gguf(W, "Q4_0")
+    return (qt.codes.to(torch.int16) + 8).to(torch.uint8), qt.scale.to(torch.float16)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
