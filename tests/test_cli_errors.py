@@ -36,6 +36,11 @@ BAD_INPUT: dict[str, list[list[str]]] = {
             ["--runtime", "executorch", "--model", "{tmp}/junk.pte"],
             ["--runtime", "executorch", "--model", "/no/such.pte"],
             ["--runtime", "onnxruntime", "--model", "{tmp}/graph.onnx", "--threads", "0"]],
+    "qat": [["--bits", "5"], ["--bits", "1.5"], ["--bits", "4", "--group-size", "64"],
+            ["--ramp", "200"], ["--bits", "1.58", "--out", "{tmp}/q"],
+            ["--out", "{tmp}/binary.txt"], ["--lsq", "--bits", "4"], ["--curve-every", "-1"],
+            ["--steps", "-1"], ["--lr", "0"], ["--data", "nonesuch"], ["--n-samples", "0"],
+            ["--model", "nonesuch"], ["--time-steps", "-2"]],
     "kl": [["--model", "/no/such.gguf"], ["--model", "smollm2-135m", "--reference", "nonesuch"],
            ["--runtime", "llamacpp", "--model", "smollm2-135m"]],
     "quantize": [["--method", "gguf", "--type", "Q9_9"], ["--data", "nonesuch"],
@@ -160,6 +165,10 @@ BAD_INPUT: dict[str, list[list[str]]] = {
                  ["--model", "{tmp}/gguf-head.gguf", "--parallel", "0"],
                  ["--model", "{tmp}/gguf-head.gguf", "--parallel", "2", "--engine",
                   "llama-cpp-python"], ["--clients", "2"]],
+    "pipeline run": [["/no/such.yaml"], ["{tmp}/binary.txt"], ["{tmp}/prose.jsonl"]],
+    "pipeline grade": [["/no/such.yaml"], ["{tmp}/junk.ipynb", "--budget", "phone"],
+                       [str(ROOT / "recipes" / "phone.yaml"), "--budget", "nonesuch"],
+                       [str(ROOT / "recipes" / "phone.yaml"), "--threads", "0"]],
     "results": [["nonesuch"]],
 }
 

@@ -26,18 +26,20 @@ from edgellm.cli import (
     finetune,
     kernels,
     lowrank,
+    pipeline,
     production,
     prune,
+    qat,
     quantize,
     serve,
 )
-from edgellm.cli.common import add_json_arg
+from edgellm.cli.common import add_json_arg, check_device_args
 from edgellm.errors import EdgeLLMError
 from edgellm.results import ResultsError, load_records, load_sweep, sweep_names
 
 # the subcommand modules, in the order ``edgellm --help`` lists them
-SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, production, deploy, serve,
-               kernels, course)
+SUBCOMMANDS = (core, quantize, prune, distill, lowrank, finetune, qat, production, deploy,
+               serve, kernels, pipeline, course)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +63,7 @@ def command_line(argv: list[str]) -> str:
 def run_record(argv: list[str]) -> dict:
     """Parse ``argv`` and run it: the record, without printing (raises on a user error)."""
     args = build_parser().parse_args(argv)
+    check_device_args(args)
     rec = args.func(args)
     rec.setdefault("command", command_line(argv))
     return rec
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        check_device_args(args)  # --device cuda without a GPU: one line, before any model load
         rec = args.func(args)
     except EdgeLLMError as e:
         print(f"edgellm {args.command}: error: {e}", file=sys.stderr)
