@@ -17,8 +17,8 @@ setup:
 	@VENV=$(VENV) bash scripts/check_prereqs.sh $(PREREQS) $(COURSE_ARGS)
 	@VENV=$(VENV) bash scripts/setup.sh
 
-course: setup  ## execute every notebook in full mode into $(OUT), with a results summary
-	$(VENV)/bin/edgellm course run --out $(OUT) $(COURSE_ARGS)
+course: setup  ## execute every notebook in full mode into $(OUT), with a results summary (on the CPU)
+	EDGELLM_DEVICE=cpu $(VENV)/bin/edgellm course run --out $(OUT) $(COURSE_ARGS)
 
 test: setup  ## the whole suite: unit, integration on the default model, every notebook in FAST mode
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,10 +1,12 @@
-"""Shared fixtures. The hub is switched off for the whole suite: nothing here may reach it."""
+"""Shared fixtures. The hub is switched off for the whole suite: nothing here may reach it, and
+every model runs on the CPU (``EDGELLM_DEVICE=cpu``; tests/test_devices.py checks the plumbing)."""
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["EDGELLM_DEVICE"] = "cpu"  # the suite runs on the CPU, also on a GPU machine
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "edgellm"
-CORE = {"paths", "errors", "records", "data", "models", "controls", "calib", "hessian", "metrics", "windows", "measure", "allocation",
+CORE = {"paths", "errors", "records", "data", "models", "controls", "calib", "hessian", "metrics", "windows", "measure", "allocation", "devices",
         "results", "train"}
 FAMILIES = {"quant", "prune", "distill", "lowrank", "lora", "qat", "deploy", "kernels",
             "pipeline"}

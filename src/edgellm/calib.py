@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edgellm import hessian
+from edgellm.devices import model_device
 from edgellm.errors import EdgeLLMError
 from edgellm.models import decoder_layers, layer_linears  # noqa: F401  (the topology, re-exported)
 
@@ -67,10 +68,11 @@ class LayerStream:
         self.base = getattr(model, "model", model)
         self.layers = decoder_layers(model)
         self.batch_size = max(1, int(batch_size))
+        device = model_device(model)  # the ids go where the model is: the same loop on a GPU
         with torch.no_grad():
-            self.hidden = self.base.embed_tokens(ids).float()  # (N, T, C)
+            self.hidden = self.base.embed_tokens(ids.to(device)).float()  # (N, T, C)
             T = ids.shape[1]
-            self.position_ids = torch.arange(T).unsqueeze(0)  # (1, T)
+            self.position_ids = torch.arange(T, device=device).unsqueeze(0)  # (1, T)
             # rotary cos/sin computed once, (1, T, head_dim) each, broadcast over the batch
             self.position_embeddings = self.base.rotary_emb(self.hidden[:1], self.position_ids)
         self._masks: dict[int, object] = {}

@@ -2,7 +2,11 @@
 
 Every speed or memory number a record reports comes from a function here, and the record says
 which protocol produced it (``speed_protocol``), so that two different measurements never share
-one key.
+one key.  Timed inputs go to the model's device, and a GPU is synchronized before each clock
+reading (:func:`edgellm.devices.synchronize`).
+
+Over 400 lines because the protocols' table, the timers and the memory accounting they name are
+one concern: a figure and the definition it is reported under live side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 
 import torch
 
+from edgellm.devices import model_device, synchronize, to_device
 from edgellm.errors import EdgeLLMError
 
 
@@ -178,10 +183,11 @@ def reset_peak_rss() -> bool:
 def bare_forward_seconds(model, tokens: torch.Tensor, ctx: int = 512, n_windows: int = 8,
                          batch_size: int = 4) -> tuple[float, int]:
     """Seconds for plain forward passes over the first ``n_windows`` windows (a speed floor)."""
-    ids = tokens[: n_windows * ctx].view(-1, ctx)
+    ids = to_device(tokens[: n_windows * ctx].view(-1, ctx), model_device(model))
     t0 = time.perf_counter()
     for i in range(0, len(ids), batch_size):
         model(input_ids=ids[i:i + batch_size], use_cache=False)
+    synchronize(ids.device)
     return time.perf_counter() - t0, ids.numel()
 
 
@@ -197,7 +203,8 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32, repea
     if new_tokens < 1 or repeats < 1:
         raise MeasureError(f"new_tokens={new_tokens} and repeats={repeats}: time at least one "
                         "generation step once (both ≥ 1)")
-    ids = torch.as_tensor(prompt, dtype=torch.long).flatten().view(1, -1)
+    ids = to_device(torch.as_tensor(prompt, dtype=torch.long).flatten().view(1, -1),
+                    model_device(model))
 
     def steps(n: int) -> float:
         out = model(input_ids=ids, use_cache=True)
@@ -206,6 +213,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32, repea
         for _ in range(n):
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(ids.device)
         return time.perf_counter() - t0
 
     if warmup:
@@ -315,7 +323,7 @@ def prefill_tokens_per_s(model: torch.nn.Module, tokens: torch.Tensor, ctx: int 
         raise MeasureError(f"{len(tokens)} tokens make no window of ctx={ctx}; use a smaller "
                          "--ctx or more --max-tokens")
     for _ in range(warmup):
-        model(input_ids=tokens[:ctx].view(1, ctx), use_cache=False)
+        model(input_ids=to_device(tokens[:ctx].view(1, ctx), model_device(model)), use_cache=False)
     seconds, n = bare_forward_seconds(model, tokens, ctx, n_windows, batch_size)
     return {"prefill_tokens_per_s": n / seconds, "prefill_seconds": seconds,
             "prefill_tokens": n,
@@ -348,12 +356,14 @@ def forward_tokens_per_s(model, tokens: torch.Tensor, *, seq_len: int = 256, bat
                          repeats: int = 3) -> float:
     """Tokens per second of a plain forward pass (best of ``repeats``) on ``batch_size``
     windows of ``seq_len`` tokens; a speed measure of this machine, noisy under load."""
-    ids = tokens[:batch_size * seq_len].view(batch_size, seq_len)
+    ids = to_device(tokens[:batch_size * seq_len].view(batch_size, seq_len), model_device(model))
     model(input_ids=ids[:, :8], use_cache=False)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        synchronize(ids.device)
         t0 = time.perf_counter()
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        synchronize(ids.device)
         best = min(best, time.perf_counter() - t0)
     return ids.numel() / best
 
@@ -394,7 +404,10 @@ def _paired_seconds(model, reference, ids: torch.Tensor, timer) -> tuple[float, 
     """``(seconds of model, seconds of reference)`` for one pass each, back to back."""
     out = []
     for m in (model, reference):
+        x = to_device(ids, model_device(m))
+        synchronize(x.device)
         t0 = timer()
-        m(input_ids=ids, use_cache=False, logits_to_keep=1)
+        m(input_ids=x, use_cache=False, logits_to_keep=1)
+        synchronize(x.device)  # a GPU runs ahead of the clock: wait for it
         out.append(timer() - t0)
     return out[0], out[1]

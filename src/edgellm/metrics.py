@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgellm.devices import model_device, synchronize, to_device
 from edgellm.measure import protocol as speed_protocol
 from edgellm.windows import (  # noqa: F401  (re-exported: the protocols' public home)
     PROTOCOLS,
@@ -68,8 +69,11 @@ def check_ctx(model, ctx: int) -> None:
 
 
 def forward_logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """Logits ``(B, keep or T, V)`` of a Hugging Face causal LM or any module mapping ids to logits."""
+    """Logits ``(B, keep or T, V)`` of a Hugging Face causal LM or any module mapping ids to logits,
+    on the model's device (``ids`` are moved there first: the same code runs on a GPU)."""
     from transformers import PreTrainedModel
+
+    ids = to_device(ids, model_device(model))
 
     if isinstance(model, PreTrainedModel):
         return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
@@ -111,25 +115,26 @@ def token_logprobs(model, tokens: torch.Tensor, protocol: str = "gptq", ctx: int
         L, first = ids.shape[1], batch[0].first
         keep = L - first  # positions first … L-1; the last one predicts nothing we score
         logits = forward_logits(model, ids, keep)[:, :-1].float()  # (B, L-1-first, V)
-        tgt = targets_src[:, first + 1:]  # (B, L-1-first)
+        tgt = targets_src[:, first + 1:].to(logits.device)  # (B, L-1-first)
         # -log softmax at the target = logsumexp(logits) - logit[target]: no (B, T, V) copy
         nll = torch.logsumexp(logits, -1) - logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        out["nll"].append(nll.double().flatten())
-        out["target"].append(tgt.flatten())
+        # per-token results come back to the CPU: (N,) vectors, small beside the logits
+        out["nll"].append(nll.double().flatten().cpu())
+        out["target"].append(tgt.flatten().cpu())
         if reference is not None:
-            ref_logits = forward_logits(reference, ids, keep)[:, :-1].float()
+            ref_logits = forward_logits(reference, ids, keep)[:, :-1].float().to(logits.device)
             # same formula as nll above, so identical models give identical nll and nll_ref
             nll_ref = (torch.logsumexp(ref_logits, -1)
                        - ref_logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1))
-            out["nll_ref"].append(nll_ref.double().flatten())
+            out["nll_ref"].append(nll_ref.double().flatten().cpu())
             # one window at a time: the (T, V) temporaries of the KL, not (B, T, V) ones
             # (at B = 4, T = 511 each full-vocabulary copy is 0.4 GB)
             for b in range(ids.shape[0]):
                 logp = logits[b].log_softmax(-1)
                 logr = ref_logits[b].log_softmax(-1)
                 kl = (logr.exp() * (logr - logp)).sum(-1)  # (L-1-first,)
-                out["kl"].append(kl.double().clamp_min(0))
-                out["top1"].append((logr.argmax(-1) == logp.argmax(-1)).double())
+                out["kl"].append(kl.double().clamp_min(0).cpu())
+                out["top1"].append((logr.argmax(-1) == logp.argmax(-1)).double().cpu())
                 del logp, logr, kl
         n_fed += ids.numel()
     res = {k: torch.cat(v) for k, v in out.items() if v}
@@ -303,9 +308,11 @@ def evaluate_paired(model, reference, tok, *, data: str = "pydoc", split: str = 
     clock = {"start": 0.0, "seconds": 0.0}
 
     def pre(module, args, kwargs=None):
+        synchronize(model_device(module))  # a GPU runs ahead of the clock: wait for it
         clock["start"] = time.perf_counter()
 
     def post(module, args, output):
+        synchronize(model_device(module))
         clock["seconds"] += time.perf_counter() - clock["start"]
 
     handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]

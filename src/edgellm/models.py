@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import torch
 
 from edgellm.controls import CONTROLS
+from edgellm.devices import DeviceError, check_device, default_device
 from edgellm.errors import EdgeLLMError
 from edgellm.paths import cache_dir
 from edgellm.records import write_folder
@@ -236,35 +237,61 @@ def quiet_library_logs() -> None:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               quiet: bool = False):
-    """Return ``(model, tokenizer)`` in eval mode on the CPU.
+               quiet: bool = False, device: str | torch.device | None = None,
+               device_map: str | dict | None = None, max_memory: dict | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
 
     ``name_or_path`` is a registry name (``smollm2-135m``, the offline default), a control built
     from it (``smollm2-135m-degrid``, :mod:`edgellm.controls`), a derived model (:data:`DERIVED`),
     a local Hugging Face folder, a ``.gguf`` file, or a hub id (needs the hub or an ``HF_ENDPOINT`` mirror).
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (default: ``EDGELLM_DEVICE``, else
+    ``cpu``; :func:`edgellm.devices.check_device` rejects one this machine lacks before any
+    weight is read).  ``device_map="auto"`` instead lets accelerate spread a model larger than
+    memory over the GPUs, the CPU and disk (offloaded weights go to the cache's ``offload/``);
+    ``max_memory`` (``{0: "20GiB", "cpu": "8GiB"}``) caps what it puts on each.
     """
+    target = check_device(default_device() if device is None else device)
+    if device_map is not None:
+        _check_accelerate()
+        if device is not None and target.type != "cpu":
+            raise DeviceError("give device or device_map, not both: device_map='auto' places "
+                              "every layer itself")
     quiet_library_logs()  # transformers imports torchao when installed: drop its CPU-only notices
     name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
+    place = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": str(cache_dir() / "offload" / path.name)}
     if name_or_path in REGISTRY:
         folder = ensure_cached(name_or_path, quiet=quiet)
-        model, tok = _load_folder(folder, dtype)
+        model, tok = _load_folder(folder, dtype, **place)
     elif name_or_path in CONTROLS:
-        model, tok = _load_folder(ensure_control(name_or_path, quiet=quiet), dtype)
+        model, tok = _load_folder(ensure_control(name_or_path, quiet=quiet), dtype, **place)
     elif name_or_path in DERIVED:
-        model, tok = _load_folder(derived_folder(name_or_path), dtype)
+        model, tok = _load_folder(derived_folder(name_or_path), dtype, **place)
     elif path.is_dir():
-        model, tok = _load_folder(path, dtype)
+        model, tok = _load_folder(path, dtype, **place)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelUnavailable(f"no GGUF file at {path}")
-        model, tok = _load_gguf(path, dtype)
+        model, tok = _load_gguf(path, dtype, **place)
     elif "/" in name_or_path and not path.exists() and not name_or_path.startswith((".", "/", "~")):
-        model, tok = _load_hub(name_or_path, dtype)
+        model, tok = _load_hub(name_or_path, dtype, **place)
     else:
         registry_entry(name_or_path)  # raises with the list of valid names
     model.config._name_or_path = name_or_path
+    if device_map is None and target.type != "cpu":
+        model = model.to(target)
     return model.eval(), tok
+
+
+def _check_accelerate() -> None:
+    """``device_map`` needs accelerate (pinned in requirements.lock; a clear error otherwise)."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ModelUnavailable("device_map='auto' (offloading a model larger than memory) needs "
+                               "accelerate: pip install accelerate") from None
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, *, quiet: bool = False):
@@ -373,7 +400,7 @@ def save_derived(name: str, model, tokenizer, /, **about) -> Path:
     return folder
 
 
-def _load_folder(folder: Path, dtype):
+def _load_folder(folder: Path, dtype, **place):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (folder / "quant_config.json").is_file():   # its linears are packed codes, not weights
@@ -381,18 +408,19 @@ def _load_folder(folder: Path, dtype):
                                "load it with edgellm.quant.save.load_quantized (the ppl and kl "
                                "commands do)")
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
+                                                 **place)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tok
 
 
-def _load_gguf(path: Path, dtype):
+def _load_gguf(path: Path, dtype, **place):
     """Dense model from a GGUF file, every weight dequantized; tokenizer repaired."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False,
-        quantization_config=GgufConfig(dequantize=True),
+        quantization_config=GgufConfig(dequantize=True), **place,
     )
     # a dense model now: drop the GGUF quantization record so save_pretrained works
     if hasattr(model.config, "quantization_config"):
@@ -420,10 +448,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(repo_id: str, dtype):
+def _load_hub(repo_id: str, dtype, **place):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(dtype=dtype, trust_remote_code=False)
+    kwargs = dict(dtype=dtype, trust_remote_code=False, **place)
     try:  # already in the local Hugging Face cache: works offline
         return (AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, **kwargs),
                 AutoTokenizer.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False))

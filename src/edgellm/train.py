@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from edgellm.devices import model_device, to_device
 from edgellm.errors import EdgeLLMError
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -185,6 +186,7 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
     else:
         data = train_windows(tokens, steps * batch_size, seq_len, seed)  # (steps·B, T)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = model_device(model)  # batches go where the model is: the same loop on a GPU
     t0 = time.perf_counter()
     it = range(steps)
     if progress:
@@ -194,8 +196,9 @@ def train(model, tokens: torch.Tensor, *, steps: int = 20, batch_size: int = 2,
     model.train()
     try:
         for step in it:
-            batch = (batches[step] if batches is not None
-                     else data[step * batch_size:(step + 1) * batch_size])  # (B, T)
+            batch = to_device(batches[step] if batches is not None
+                              else data[step * batch_size:(step + 1) * batch_size],
+                              device)  # (B, T), or the caller's dict of tensors
             step_lr = lr * lr_factor(step, steps, schedule=schedule, warmup_steps=warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = step_lr

@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from edgellm.devices import DEVICES, ENV, check_cpu_only, check_device, default_device
 from edgellm.errors import EdgeLLMError
 from edgellm.metrics import PROTOCOLS
 from edgellm.models import DEFAULT_MODEL
@@ -16,9 +17,39 @@ class UsageError(EdgeLLMError, ValueError):
     """A flag names a file or folder that cannot be used (missing, wrong kind, not writable)."""
 
 
-def add_model_arg(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
+def add_model_arg(p: argparse.ArgumentParser, *, help: str | None = None,
+                  cpu_only: str | None = None) -> None:
+    """``--model`` and ``--device`` (:func:`add_device_arg`)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=help or "registry name, saved folder, .gguf file or hub id")
+    add_device_arg(p, cpu_only=cpu_only)
+
+
+def add_device_arg(p: argparse.ArgumentParser, *, cpu_only: str | None = None) -> None:
+    """``--device {cpu,cuda,mps}``: where the model runs (default ``$EDGELLM_DEVICE``, else
+    cpu).  ``cpu_only`` names a path that runs on the CPU only (llama.cpp, ONNX Runtime,
+    ExecuTorch, our kernels, bitsandbytes' CPU path): another device is a clear error there.
+    :func:`check_device_args` checks it before any model is loaded."""
+    if cpu_only:
+        p.add_argument("--device", choices=DEVICES, help=f"cpu only: {cpu_only} runs on the CPU")
+    else:
+        p.add_argument("--device", choices=DEVICES,
+                       help=f"where the model runs (default: ${ENV}, else cpu); cuda and mps "
+                            "need that GPU here")
+    p.set_defaults(cpu_only=cpu_only)
+
+
+def check_device_args(args) -> None:
+    """``--device`` names a device this machine has (a CPU-only command: the CPU), and a set
+    ``EDGELLM_DEVICE`` is valid: before any model is loaded (:func:`edgellm.cli.main`)."""
+    if not hasattr(args, "device"):
+        return
+    if getattr(args, "cpu_only", None):
+        check_cpu_only(args.device, args.cpu_only)
+    elif args.device is not None:
+        check_device(args.device)
+    else:
+        default_device()
 
 
 def add_seed_arg(p: argparse.ArgumentParser) -> None:

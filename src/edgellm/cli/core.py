@@ -6,6 +6,7 @@ import time
 
 from edgellm.cli.common import (
     DEFAULT_MODEL,
+    add_device_arg,
     add_eval_args,
     add_json_arg,
     add_model_arg,
@@ -35,6 +36,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("kl", help="token-level KL divergence of a model against a reference")
     p.add_argument("--model", required=True, help="the model to compare")
     p.add_argument("--reference", default=DEFAULT_MODEL)
+    add_device_arg(p)
     p.add_argument("--stride", type=int, help="sliding protocol: step between windows (ctx/2)")
     _add_runtime_args(p)
     add_eval_args(p)
@@ -42,6 +44,9 @@ def add_parsers(sub) -> None:
 
 
 def _add_runtime_args(p) -> None:
+    p.add_argument("--device-map", choices=["auto"],
+                   help="auto: accelerate spreads a model larger than memory over the GPUs, "
+                        "the CPU and disk (instead of --device)")
     p.add_argument("--runtime", default="torch",
                    choices=["torch", "llamacpp", "onnxruntime", "executorch"],
                    help="llamacpp / onnxruntime / executorch: --model is a .gguf / .onnx / .pte "
@@ -55,17 +60,20 @@ def _load(args, name: str, quiet: bool):
     """The model to evaluate: a PyTorch model, or with ``--runtime`` an exported file run by
     its runtime (the tokenizer then comes from the default model)."""
     if args.runtime == "torch":
-        return load_any(name, quiet=quiet)
+        return load_any(name, quiet=quiet, device=args.device, device_map=args.device_map)
     from edgellm.deploy.apply import runtime_model
 
     return runtime_model(args.runtime, name, ctx=args.ctx, threads=args.threads)
 
 
-def load_any(name: str, *, quiet: bool = False):
+def load_any(name: str, *, quiet: bool = False, device: str | None = None,
+             device_map: str | None = None):
     """``load_model``, or for a folder of ``edgellm quantize --out`` its simulated model
-    (``load_quantized``) with the default model's tokenizer when none was saved."""
+    (``load_quantized``) with the default model's tokenizer when none was saved; on ``device``
+    (default ``EDGELLM_DEVICE``, else cpu) or spread by accelerate (``device_map="auto"``)."""
     from pathlib import Path
 
+    from edgellm.devices import check_device, default_device
     from edgellm.models import load_model, load_tokenizer
 
     path = Path(name).expanduser()
@@ -73,14 +81,24 @@ def load_any(name: str, *, quiet: bool = False):
         from edgellm.quant.save import load_quantized
 
         model, tok, _ = load_quantized(path)
+        model = model.to(check_device(device or default_device()))
         return model, tok or load_tokenizer(DEFAULT_MODEL, quiet=True)
-    return load_model(name, quiet=quiet)
+    return load_model(name, quiet=quiet, device=device, device_map=device_map)
 
 
 def _check_runtime(args) -> None:
-    from edgellm.cli.common import UsageError, check_llamacpp_protocol, check_runtime_file
+    from edgellm.cli.common import (
+        UsageError,
+        check_cpu_only,
+        check_llamacpp_protocol,
+        check_runtime_file,
+    )
 
+    if args.device_map and (args.device or args.runtime != "torch"):
+        raise UsageError("--device-map auto places a PyTorch model itself: drop --device "
+                         "and --runtime")
     if args.runtime != "torch":
+        check_cpu_only(args.device, f"--runtime {args.runtime}")
         check_runtime_file(args.runtime, args.model)
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: give a positive number")
@@ -92,6 +110,7 @@ def _check_runtime(args) -> None:
 def info(args) -> dict:
     import torch
 
+    from edgellm.devices import default_device
     from edgellm.models import REGISTRY, verify_manifest
     from edgellm.paths import cache_dir
     from edgellm.records import versions
@@ -102,6 +121,8 @@ def info(args) -> dict:
         problem = verify_manifest(folder)
         status = "cached and verified" if problem is None else f"cache damaged: {problem}"
     return {"versions": versions(), "threads": torch.get_num_threads(),
+            "device_default": default_device(),
+            "cuda_available": torch.cuda.is_available(),
             "cache": str(cache_dir()), "default_model": DEFAULT_MODEL,
             "default_model_status": status, "models": sorted(REGISTRY)}
 
@@ -146,7 +167,8 @@ def kl(args) -> dict:
     t0 = time.perf_counter()
     model, tok = _load(args, args.model, quiet=args.json)
     load_s = time.perf_counter() - t0
-    ref, _ = load_any(args.reference, quiet=args.json)
+    ref, _ = load_any(args.reference, quiet=args.json, device=args.device,
+                      device_map=args.device_map)
     rec = evaluate_kl(model, ref, tok, args.data, reference_name=args.reference,
                       **_eval_kwargs(args))
     rec["runtime"] = args.runtime

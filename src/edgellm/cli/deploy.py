@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 
 from edgellm.cli.common import (
+    add_device_arg,
     add_eval_args,
     add_json_arg,
     add_model_arg,
@@ -46,7 +47,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("export", help="write a model or a LoRA adapter as a GGUF file (or a model "
                                       "as ONNX or an ExecuTorch program)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arg(p)
+    add_model_arg(p, cpu_only="export (llama.cpp's converter, ONNX and ExecuTorch lowering)")
     p.add_argument("--adapter", help="an adapter folder (edgellm finetune --out, or peft's)")
     p.add_argument("--merge", action="store_true",
                    help="with --adapter: merge it into the model and export the merged model")
@@ -91,6 +92,7 @@ def add_parsers(sub) -> None:
                         "llamacpp / onnxruntime / executorch run a file of edgellm export")
     p.add_argument("--model", help="a .gguf / .onnx / .pte file (llamacpp / onnxruntime / "
                                    "executorch) or a model name or folder (torch, bnb, torchao)")
+    add_device_arg(p, cpu_only="bench-runtime (this CPU's timings)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
@@ -104,6 +106,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--size-mib", type=int, default=512,
                    help="array size for the bandwidth tests (far above the last-level cache)")
     p.add_argument("--model", help="a GGUF file: add its bytes per decoded token and the bound")
+    add_device_arg(p, cpu_only="roofline (this CPU's bandwidth and matmul peak)")
     p.add_argument("--position", type=int, default=0,
                    help="with --model: the KV-cache position the token is decoded at")
     add_json_arg(p)

@@ -109,7 +109,8 @@ def run(args) -> dict:
         calib_seq_len=args.calib_seq_len, train_data=args.train_data, seqkd=seqkd,
         baseline_loss=args.baseline_loss, time_steps=args.time_steps,
         micro_batch_size=args.micro_batch_size or None, evaluate=args.eval, eval_settings=eval_settings(args),
-        out=args.out, save_as=args.save_as, seed=args.seed, progress=not args.json)
+        out=args.out, save_as=args.save_as, seed=args.seed, progress=not args.json,
+        device=args.device)
 
 
 def check_args(args) -> None:

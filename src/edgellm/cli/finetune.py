@@ -32,6 +32,7 @@ from edgellm.cli.common import (
     add_json_arg,
     add_model_arg,
     add_seed_arg,
+    check_cpu_only,
     check_model_name,
     check_out_dir,
 )
@@ -125,6 +126,8 @@ def check_finetune_args(args) -> None:
                    lr=args.lr, schedule="linear", warmup_steps=0, max_grad_norm=1.0)
     if args.steps < 1:
         raise LoRAError("--steps must be >= 1")
+    if args.method in ("qlora", "loftq"):
+        check_cpu_only(args.device, f"--method {args.method} (bitsandbytes' NF4 on the CPU)")
     check_model_name(args.model)
     _check_task(args)
     if args.out:
@@ -197,7 +200,7 @@ def run_finetune(args) -> dict:
                     grad_checkpointing=args.grad_checkpointing, out=args.out,
                     evaluate=args.eval, max_examples=args.max_examples,
                     shuffle_labels=args.shuffle_labels, seed=args.seed,
-                    eval_merged=args.eval_merged,
+                    eval_merged=args.eval_merged, device=args.device,
                     progress=not args.json)
 
 
@@ -205,6 +208,8 @@ def run_eval_task(args) -> dict:
     from edgellm.lora.apply import eval_task, read_adapter_meta
     from edgellm.lora.layers import LoRAError
 
+    if args.runtime == "llamacpp":
+        check_cpu_only(args.device, "--runtime llamacpp")
     check_model_name(args.model)
     _check_task(args)
     if args.eval_batch_size < 1:
@@ -233,4 +238,4 @@ def run_eval_task(args) -> dict:
         raise LoRAError("--merge applies to --runtime llamacpp (the merged GGUF); drop it")
     return eval_task(args.model, adapter=args.adapter, task=args.task, style=args.prompt,
                      max_examples=args.max_examples, batch_size=args.eval_batch_size,
-                     progress=not args.json, decoding=args.decoding)
+                     progress=not args.json, decoding=args.decoding, device=args.device)

@@ -61,7 +61,7 @@ def add_parsers(sub) -> None:
     f.set_defaults(func=run_fusion)
 
     s = ksub.add_parser("sparsity", help="concentration of the MLP's activations per layer")
-    add_model_arg(s)
+    add_model_arg(s, cpu_only="kernels sparsity (lesson 12's CPU kernels)")
     s.add_argument("--data", default="pydoc", help="corpus (train split) of the windows")
     s.add_argument("--n-samples", type=int, default=16, help="windows (two halves compared)")
     s.add_argument("--seq-len", type=int, default=256, help="tokens per window")

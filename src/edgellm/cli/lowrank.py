@@ -133,4 +133,4 @@ def run(args) -> dict:
         calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
         evaluate=args.eval, eval_settings=eval_settings(args), out=args.out,
         allocate=args.allocate, spread=args.spread, sensitivity_tokens=args.sensitivity_tokens,
-        progress=not args.json)
+        progress=not args.json, device=args.device)

@@ -43,7 +43,7 @@ BNB_CHOICES = ("nf4", "fp4", "int8", "fp4_e2m1", "int4", "int4_asym")
 def add_parsers(sub) -> None:
     p = sub.add_parser("bnb", help="bitsandbytes NF4 / FP4 / int8 on CPU (and our versions)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arg(p)
+    add_model_arg(p, cpu_only="edgellm bnb (bitsandbytes' CPU path, timed on this CPU)")
     p.add_argument("--mode", default="nf4", choices=BNB_CHOICES,
                    help="bitsandbytes: nf4, fp4, int8; with --impl edgellm also fp4_e2m1 "
                    "(plain E2M1), int4 (symmetric absmax, QLoRA's Int4), int4_asym (min/max RTN)")
@@ -62,7 +62,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("torchao", help="torchao int8 weight-only / dynamic on CPU",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arg(p)
+    add_model_arg(p, cpu_only="edgellm torchao (torchao's CPU int8, timed on this CPU)")
     p.add_argument("--mode", default="int8_weight_only",
                    choices=("int8_weight_only", "int8_dynamic"))
     _add_run_args(p)

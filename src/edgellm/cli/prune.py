@@ -96,7 +96,8 @@ def run(args) -> dict:
         recover_lr=args.recover_lr, recover_batch=args.recover_batch,
         recover_seq_len=args.recover_seq_len, lora=args.lora, control=args.control,
         baseline_calib=args.baseline_calib, allocate=args.allocate, spread=args.spread,
-        sensitivity_tokens=args.sensitivity_tokens, out=args.out, progress=not args.json)
+        sensitivity_tokens=args.sensitivity_tokens, out=args.out, progress=not args.json,
+        device=args.device)
 
 
 def _check_args(args) -> None:

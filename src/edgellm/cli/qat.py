@@ -115,4 +115,4 @@ def run(args) -> dict:
         time_steps=args.time_steps, train_data=args.train_data, calib=args.calib,
         n_samples=args.n_samples, calib_seq_len=args.calib_seq_len, evaluate=args.eval,
         eval_settings=eval_settings(args), out=args.out, seed=args.seed,
-        progress=not args.json)
+        progress=not args.json, device=args.device)

@@ -38,6 +38,7 @@ from edgellm.cli.common import (
     add_eval_args,
     add_model_arg,
     add_seed_arg,
+    check_cpu_only,
     check_eval_args,
     check_model_name,
     check_out_dir,
@@ -128,6 +129,10 @@ def run(args) -> dict:
             raise QuantError("--out saves the packed codes and scales only, not LoRC's "
                              "factors; drop --out or --lorc-rank")
     load_text(args.calib, "train")
+    device = args.device
+    if args.method == "gguf" or args.gguf:  # gguf.quants packs numpy arrays; llama.cpp: its CPU
+        check_cpu_only(device, "--method gguf / --gguf (llama.cpp's blocks, packed by numpy)")
+        device = "cpu"
     if args.out:
         check_out_dir(args.out, "--out")
     if args.save_clips:
@@ -157,4 +162,4 @@ def run(args) -> dict:
         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, evaluate=args.eval,
         eval_settings=eval_settings(args), out=args.out, save_clips=args.save_clips,
         keep_salient=args.keep_salient, salient_by=args.salient_by, progress=not args.json,
-        **opts)
+        device=device, **opts)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm.cli.common import UsageError, add_json_arg, check_in_file
+from edgellm.cli.common import UsageError, add_device_arg, add_json_arg, check_in_file
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve a GGUF file on 127.0.0.1 (OpenAI-compatible API)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a GGUF file (edgellm export writes one)")
+    add_device_arg(p, cpu_only="serve (llama.cpp's CPU build)")
     p.add_argument("--lora", help="an adapter applied on top: a folder of edgellm finetune --out "
                                   "(converted to a GGUF LoRA first) or a GGUF LoRA file")
     p.add_argument("--engine", default="llama-server", choices=["llama-server", "llama-cpp-python"],
@@ -43,6 +44,7 @@ def add_parsers(sub) -> None:
     target.add_argument("--url", help="a running server's base URL (…/v1)")
     target.add_argument("--model", help="a GGUF file: serve it on a free port for the test only "
                                         "(--engine, --parallel, --threads), then stop it")
+    add_device_arg(p, cpu_only="loadtest (a llama.cpp server on this CPU)")
     p.add_argument("--engine", default="llama-server", choices=["llama-server", "llama-cpp-python"])
     p.add_argument("--parallel", type=int, default=1, help="with --model: llama-server's slots")
     p.add_argument("--threads", type=int, default=2, help="with --model: the server's threads")
@@ -71,6 +73,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runtime", default="torch", choices=["torch"],
                    help="where the loop runs (PyTorch, KV cache rolled back on rejection)")
+    add_device_arg(p, cpu_only="speculative (batch-1 decoding timed on this CPU)")
     p.add_argument("--data", default="pydoc")
     add_json_arg(p)
     p.set_defaults(func=run_speculative)

@@ -45,7 +45,7 @@ def eval_task_llamacpp(model_name: str | None = None, *, adapter, task: str = "f
     t0 = time.perf_counter()
     the_task = load_task(task)
     items = the_task.subset("test", max_examples)
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device="cpu")
     meta = check_adapter_base(model, adapter)
     style = meta.get("train_prompt_style", TRAIN_STYLE)
     prompting = Prompting.from_style(style, the_task.split("train"),

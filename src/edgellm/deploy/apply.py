@@ -51,7 +51,7 @@ def export(model_name: str | None = None, *, out, adapter=None, merge: bool = Fa
     qtype = check_type(qtype, adapter=adapter is not None and not merge,
                        imatrix=imatrix or imatrix_calib)
     t0 = time.perf_counter()
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device="cpu")
     if adapter is not None:
         from edgellm.lora.apply import check_adapter_base
 
@@ -105,8 +105,8 @@ def quantize_record_gguf(gguf, model_name: str | None = None, *, out=None,
               "progress": settings.get("progress", False)}
     with tempfile.TemporaryDirectory(prefix="edgellm-quant-") as tmp:
         folder = out or Path(tmp) / "quantized"
-        rec = quantize_record(model_name, out=folder, evaluate=evaluate,
-                              eval_settings=eval_settings, **settings)
+        rec = quantize_record(model_name, out=folder, evaluate=evaluate,  # on the CPU by default
+                              eval_settings=eval_settings, **{"device": "cpu", **settings})
         rec["gguf"] = export_quantized(folder, out=gguf, evaluate=ev,
                                        progress=settings.get("progress", False))
     if out is None:                                  # the folder was temporary
@@ -205,7 +205,7 @@ def bench_runtime(runtime: str, model=None, *, threads: int = 1, prompt_tokens: 
                 read = file_read(size, cfg, separate_embedding=separate, position=position)
         else:
             t0 = time.perf_counter()
-            m, tok = load_model(model or DEFAULT_MODEL, quiet=True)
+            m, tok = load_model(model or DEFAULT_MODEL, quiet=True, device="cpu")
             if runtime in LIBRARY_MODES:
                 from edgellm.quant.apply import quantize_production
 
@@ -295,7 +295,7 @@ def export_runtime(model_name: str | None = None, *, out, fmt: str, qtype: str =
     from edgellm.records import record
 
     model_name = model_name or DEFAULT_MODEL
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device="cpu")
     if fmt == "onnx":
         from edgellm.deploy.onnx_runtime import export_onnx
 
@@ -309,7 +309,7 @@ def export_runtime(model_name: str | None = None, *, out, fmt: str, qtype: str =
         runtime = "onnxruntime" if fmt == "onnx" else "executorch"
         lm, _ = runtime_model(runtime, out, threads=threads)
         if fmt != "onnx":                  # export_pte untied and quantized ``model`` in place
-            model, _ = load_model(model_name, quiet=True)
+            model, _ = load_model(model_name, quiet=True, device="cpu")
         rec.update(evaluate_paired(lm, model, tok, **evaluate), runtime=runtime)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     return record(rec, protocol=rec.get("protocol", "export"), data=rec.get("data"))
@@ -350,7 +350,7 @@ def speculative(target: str | None = None, *, draft: str = "prompt-lookup", gamm
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model, tok = load_model(target, quiet=True)
+        model, tok = load_model(target, quiet=True, device="cpu")
         ids = get_tokens(data, tok, "test")
         stride = (ids.numel() - prompt_tokens - new_tokens) // n_prompts
         if stride < prompt_tokens:
@@ -368,7 +368,7 @@ def speculative(target: str | None = None, *, draft: str = "prompt-lookup", gamm
                 draft_model, sinfo = make_student(model, "drop-layers", ratio=0.5, calib=calib)
                 info.update(draft_kept=sinfo["kept"])
             else:
-                draft_model = load_model(draft, quiet=True)[0]
+                draft_model = load_model(draft, quiet=True, device="cpu")[0]
             check_vocab(model, draft_model)
             info.update(draft_n_layers=draft_model.config.num_hidden_layers)
             proposer = DraftModel(draft_model, name=draft)

@@ -78,7 +78,7 @@ def export_quantized(folder, *, out, evaluate: dict | None = None, progress: boo
         from edgellm.models import load_model
 
         del model
-        reference, _ = load_model(base, quiet=True)
+        reference, _ = load_model(base, quiet=True, device="cpu")
         rec.update(evaluate_gguf(path, reference, tok, **evaluate))
     rec["seconds"] = time.perf_counter() - t0
     return record(rec, protocol=rec.get("protocol", "export"), data=rec.get("data"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgellm.devices import model_device
 from edgellm.distill.losses import (
     DistillError,
     ce_loss,
@@ -149,7 +150,8 @@ def distill(student, teacher, tokens: torch.Tensor, *, loss: str = "fkl",
 
         check_top_k(top_k, teacher.config.vocab_size)
         t0 = time.perf_counter()
-        data = train_windows(tokens, steps * batch_size, seq_len, seed)  # what train() will draw
+        # what train() will draw, where the teacher is
+        data = train_windows(tokens, steps * batch_size, seq_len, seed).to(model_device(teacher))
         parts = [teacher_topk(teacher, data[i:i + batch_size], k=top_k, temperature=T)
                  for i in range(0, len(data), batch_size)]
         cache = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), data)
@@ -224,7 +226,7 @@ def mean_entropy(model, tokens: torch.Tensor, *, ctx: int = 512, batch_size: int
     windows of ``tokens`` (every position): low entropy = confident, mode-seeking."""
     from edgellm.distill.losses import entropy
 
-    ids = tokens[: len(tokens) // ctx * ctx].view(-1, ctx)  # (n, ctx)
+    ids = tokens[: len(tokens) // ctx * ctx].view(-1, ctx).to(model_device(model))  # (n, ctx)
     total, n = 0.0, 0
     for i in range(0, len(ids), batch_size):
         logits = model(input_ids=ids[i:i + batch_size], use_cache=False).logits
@@ -244,9 +246,9 @@ def distill_record(model_name: str = DEFAULT_MODEL, *, student: str = "drop-laye
                    micro_batch_size: int | None = 1,
                    evaluate: bool = False,
                    eval_settings=None, out: str | None = None, save_as: str | None = None,
-                   seed: int = 0, progress: bool = False) -> dict:
+                   seed: int = 0, progress: bool = False, device: str | None = None) -> dict:
     """Load the teacher ``model_name``, build the ``student`` (``ratio``), distill it with
-    ``loss`` and measure it: the record ``edgellm distill`` prints.
+    ``loss`` and measure it: the record ``edgellm distill`` prints (teacher on ``device``).
 
     With ``evaluate``: against the teacher on the evaluation split, before (``ppl_base``) and
     after (``ppl``, ``kl_mean``, ``delta_nll`` ± ``delta_nll_stderr`` vs the teacher,
@@ -272,7 +274,7 @@ def distill_record(model_name: str = DEFAULT_MODEL, *, student: str = "drop-laye
     check_loss(loss)
     ev = eval_settings or EvalSettings()
     t_start = time.perf_counter()
-    teacher, tok = load_model(model_name, quiet=not progress)
+    teacher, tok = load_model(model_name, quiet=not progress, device=device)
     if top_k:
         from edgellm.distill.teacher import check_top_k
 
@@ -311,7 +313,7 @@ def distill_record(model_name: str = DEFAULT_MODEL, *, student: str = "drop-laye
 
         V = teacher.config.vocab_size
         check_top_k(top_k, V)
-        first = train_windows(tokens, batch_size, seq_len, seed)  # (B, T) the first batch
+        first = train_windows(tokens, batch_size, seq_len, seed).to(model_device(teacher))
         with torch.no_grad():
             z_t = teacher(input_ids=first, use_cache=False).logits  # (B, T, V)
             z_s = model(input_ids=first, use_cache=False).logits
@@ -328,7 +330,8 @@ def distill_record(model_name: str = DEFAULT_MODEL, *, student: str = "drop-laye
     if time_steps:
         from edgellm.distill.teacher import step_times
 
-        rec.update(step_times(model, teacher, train_windows(tokens, batch_size, seq_len, seed),
+        rec.update(step_times(model, teacher, train_windows(tokens, batch_size, seq_len,
+                                                            seed).to(model_device(teacher)),
                               temperature=temperature, top_k=top_k or 64, lr=lr,
                               repeats=time_steps))
     kw = dict(temperature=temperature, alpha=alpha, steps=steps, batch_size=batch_size,

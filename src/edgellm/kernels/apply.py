@@ -280,7 +280,7 @@ def sparsity(model: str = "smollm2-135m", *, data: str = "pydoc", n_samples: int
         raise KernelError(f"n_samples={n_samples}, seq_len={seq_len}: give at least 2 windows "
                           "(two halves are compared) of at least 1 token")
     t0 = time.perf_counter()
-    net, tok = load_model(model, quiet=True)
+    net, tok = load_model(model, quiet=True, device="cpu")
     windows = get_calibration(data, n_samples, seq_len, seed, tokenizer=tok)
     rec = activation_stats(net, windows, top=top, near=near, batch_size=batch_size)
     rec.update(model=model, n_samples=n_samples, seq_len=seq_len,

@@ -373,7 +373,7 @@ def llama_files(types=("Q4_0",), *, folder=None, model_name: str | None = None) 
     from edgellm.models import DEFAULT_MODEL, load_model
 
     folder = Path(folder or tempfile.mkdtemp(prefix="edgellm-lesson11-"))
-    model, tok = load_model(model_name or DEFAULT_MODEL, quiet=True)
+    model, tok = load_model(model_name or DEFAULT_MODEL, quiet=True, device="cpu")
     files = {"F32": cached_f32(model, tok)}                # kept in the cache, by weights
     del model
     for t in types:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from edgellm.devices import check_cpu_only
 from edgellm.lora.adapters import (  # noqa: F401  (re-exported)
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -193,7 +194,7 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
              seq_len: int = 128, task: str = "funcname", grad_checkpointing: bool = False,
              out=None, evaluate: bool = True, max_examples: int | None = None,
              shuffle_labels: bool = False, seed: int = 0, progress: bool = False,
-             eval_merged: bool = False) -> dict:
+             eval_merged: bool = False, device: str | None = None) -> dict:
     """Fine-tune ``model_name`` on ``task`` and return the record of ``edgellm finetune``.
 
     Trains with :func:`edgellm.train.train` on left-padded chat-template batches, the loss on
@@ -202,6 +203,8 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
     are scored on the test split.  ``out`` receives the adapter (or, for ``full``, nothing:
     the record only).  ``eval_merged`` (QLoRA, LoftQ): also score the adapter merged into the
     4-bit base, kept in fp32 and re-quantized to NF4 (:mod:`edgellm.lora.merge`).
+    ``device``: where the model is loaded and trained (:func:`edgellm.models.load_model`);
+    the bitsandbytes methods (``qlora``, ``loftq``) run on the CPU only.
     """
     from edgellm.lora.chat import TRAIN_STYLE, Prompting, answer_batches, answer_loss
     from edgellm.lora.task import load_task
@@ -219,12 +222,14 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
                         "it saves no adapter (drop out)")
     if method in ("qlora", "loftq"):
         check_bnb()
+        check_cpu_only(device, f"method {method} (bitsandbytes' NF4 on the CPU)")
+        device = "cpu"
     model_name = model_name or DEFAULT_MODEL
     t_start = time.perf_counter()
     the_task = load_task(task)
     if not the_task.split("train") or not the_task.split("test"):
         raise LoRAError(f"task {task!r} needs train and test items")
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device=device)
     model, cfg = prepare(model, method=method, rank=rank, alpha=alpha, targets=targets,
                          dropout=dropout, rslora=rslora, seed=seed,
                          grad_checkpointing=grad_checkpointing)
@@ -280,7 +285,7 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
     rec["peak_rss_bytes"] = peak_rss_bytes()   # training and the tuned model's evaluation
     if evaluate:  # the best-prompted base model, freshly loaded (cached per model, task, prompt)
         del model
-        base_model, _ = load_model(model_name, quiet=True)
+        base_model, _ = load_model(model_name, quiet=True, device=device)
         rec.update(base_scores(base_model, tok, the_task, model_name=model_name,
                                max_examples=max_examples, progress=progress))
     rec["seconds"] = time.perf_counter() - t_start
@@ -289,7 +294,8 @@ def finetune(model_name: str | None = None, *, method: str = "lora", rank: int =
 
 def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcname",
               style: str | None = None, max_examples: int | None = None,
-              batch_size: int = 32, progress: bool = False, decoding: str | None = None) -> dict:
+              batch_size: int = 32, progress: bool = False, decoding: str | None = None,
+              device: str | None = None) -> dict:
     """The record of ``edgellm eval-task``: a model (and optionally an adapter) on a task.
 
     ``style`` defaults to the best base prompt for a bare model and to the adapter's training
@@ -312,7 +318,7 @@ def eval_task(model_name: str | None = None, *, adapter=None, task: str = "funcn
     if decoding == "grammar" and not the_task.dotted_names:   # before the model load
         raise LoRAError(f"--decoding grammar needs a task whose answers are dotted names; "
                         f"{task!r} has other answers: use --decoding free")
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device=device)
     if adapter is not None:
         meta = check_adapter_base(model, adapter)
         model = load_adapter(model, adapter)

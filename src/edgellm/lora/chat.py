@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edgellm.devices import model_device, to_device
+
 SYSTEM = ("You name Python standard-library functions. Given a description, reply with the "
           "function's full dotted name only, for example os.path.join or str.split.")
 
@@ -145,6 +147,7 @@ def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     Only the last ``K`` positions go through the lm_head, ``K`` = the longest answer + 1.
     Returns ``logits`` (B, K-1, V) and ``targets`` (B, K-1), -100 where not an answer token.
     """
+    batch = to_device(batch, model_device(model))                # a no-op on the model's device
     ids, mask = batch["input_ids"], batch["loss_mask"]           # (B, T)
     first = mask.float().argmax(dim=1)                            # first answer position per row
     K = int((ids.shape[1] - first).max()) + 1                     # answer span + the token before it
@@ -211,7 +214,7 @@ def generate_batched(model, tokenizer, prompting: Prompting, prompts: list[str],
         starts = tqdm(starts, desc="generate", leave=False)
     for s in starts:
         idx = order[s:s + batch_size]
-        batch = left_pad([rows[i] for i in idx], pad)
+        batch = to_device(left_pad([rows[i] for i in idx], pad), model_device(model))
         extra = {}
         if masks is not None:
             from transformers import LogitsProcessorList

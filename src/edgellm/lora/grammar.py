@@ -72,9 +72,11 @@ class DottedNameProcessor:
         return allowed
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = self.allowed(input_ids)
+        # the masks live on the CPU; the scores where the model runs
+        allowed = self.allowed(input_ids.to(self.start.device)).to(scores.device)
         if scores.shape[1] > allowed.shape[1]:  # lm_head rows beyond the tokenizer: never allowed
-            pad = torch.zeros(allowed.shape[0], scores.shape[1] - allowed.shape[1], dtype=torch.bool)
+            pad = torch.zeros(allowed.shape[0], scores.shape[1] - allowed.shape[1],
+                              dtype=torch.bool, device=scores.device)
             allowed = torch.cat([allowed, pad], dim=1)
         can_end = allowed[:, self.eos]                       # (B,) inside a complete name
         leave = ~allowed

@@ -59,7 +59,7 @@ def evaluate_merged(peft_model, model_name: str, tokenizer, task, *, correct: li
     from edgellm.lora.evaluate import evaluate_task
     from edgellm.models import load_model
 
-    fp32, _ = load_model(model_name, quiet=True)
+    fp32, _ = load_model(model_name, quiet=True, device="cpu")
     out = {}
     for kind, requant in (("fp32", False), ("nf4", True)):
         errs = merge_qlora_into(peft_model, fp32, requantize=requant)

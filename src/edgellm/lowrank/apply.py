@@ -252,8 +252,9 @@ def factorize_record(model_name: str = DEFAULT_MODEL, *, method: str = "svd",
                      seed: int = 0, evaluate: bool = False,
                      eval_settings: EvalSettings | None = None, out: str | None = None,
                      allocate: str = "uniform", spread: float = 0.1,
-                     sensitivity_tokens: int = 2048, progress: bool = False) -> dict:
-    """Load ``model_name``, factorize its decoder linears (:func:`factorize_model`), measure
+                     sensitivity_tokens: int = 2048, progress: bool = False,
+                     device: str | None = None) -> dict:
+    """Load ``model_name`` on ``device`` (:func:`edgellm.models.load_model`), factorize its decoder linears (:func:`factorize_model`), measure
     parameters, size and the paired prefill speed against the unfactorized model, with
     ``evaluate`` its quality against it, and save to ``out``: the record ``edgellm lowrank``
     prints.  Break-even warnings are printed once on stderr and kept in ``rank_warnings``.
@@ -272,7 +273,7 @@ def factorize_record(model_name: str = DEFAULT_MODEL, *, method: str = "svd",
     from edgellm.records import record
 
     ev = eval_settings or EvalSettings()
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device=device)
     reference = copy.deepcopy(model)
     ids = None
     if method != "svd":

@@ -163,9 +163,11 @@ def prune_record(model_name: str = DEFAULT_MODEL, *, sparsity: float | None = No
                  recover_lr: float | None = None, recover_batch: int = 2,
                  recover_seq_len: int = 256, lora: bool = False, control: bool = False,
                  out: str | None = None, seed: int = 0, progress: bool = False,
-                 baseline_calib: str | None = None, **settings) -> dict:
-    """Load ``model_name``, prune it (``sparsity``, ``nm``, ``structured``, ``calib`` and
-    ``settings``: :func:`prune_model`'s keywords), measure
+                 baseline_calib: str | None = None, device: str | None = None,
+                 **settings) -> dict:
+    """Load ``model_name`` on ``device`` (:func:`edgellm.models.load_model`), prune it
+    (``sparsity``, ``nm``, ``structured``, ``calib`` and ``settings``: :func:`prune_model`'s
+    keywords), measure
     sizes and the paired prefill speed against the unpruned model, optionally recover with
     ``recover_steps`` of fine-tuning (``control``: the unpruned model fine-tuned the same way)
     and save to ``out``: the record ``edgellm prune`` prints.  With ``evaluate``, quality against
@@ -188,7 +190,7 @@ def prune_record(model_name: str = DEFAULT_MODEL, *, sparsity: float | None = No
     # zeros inside the linears (kept through recovery): any run that is not structured-only,
     # including the default sparsity prune_model applies when neither is given
     unstructured = structured is None or sparsity is not None or nm is not None
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device=device)
     reference = copy.deepcopy(model)
     rec = prune_model(model, tok, sparsity=sparsity, nm=nm, structured=structured, calib=calib,
                       seed=seed, progress=progress, **settings).info

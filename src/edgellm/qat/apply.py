@@ -225,8 +225,9 @@ def qat_record(model_name: str = DEFAULT_MODEL, *, bits=2, group_size: int | Non
                init: str = "ptq", control: bool = False, curve_every: int = 0, curve_tokens: int = 2048,
                time_steps: int = 0, train_data: str = "pydoc", calib: str = "pydoc",
                n_samples: int = 8, calib_seq_len: int = 512, evaluate: bool = False,
-               eval_settings=None, out=None, seed: int = 0, progress: bool = False) -> dict:
-    """Load ``model_name``, train it through the quantizer, compare with PTQ: the record
+               eval_settings=None, out=None, seed: int = 0, progress: bool = False,
+               device=None) -> dict:
+    """Load ``model_name`` (on ``device``), train it through the quantizer, compare with PTQ: the record
     ``edgellm qat`` prints.  ``out`` saves the QAT model in the format of ``edgellm quantize
     --out`` (2, 3 and 4 bits; 4 bits then exports bit for bit as Q4_0 with ``edgellm export``).
     ``init`` ``ptq`` (2-3 bits) starts QAT from the PTQ model's weights, ``fp32`` from the
@@ -245,7 +246,7 @@ def qat_record(model_name: str = DEFAULT_MODEL, *, bits=2, group_size: int | Non
                        "ternary types on 576-wide rows (drop --out)")
     ev = eval_settings or EvalSettings()
     t_start = time.perf_counter()
-    base, tok = load_model(model_name, quiet=not progress)
+    base, tok = load_model(model_name, quiet=not progress, device=device)
     grid = grid_of(bits)
     rec = {"model": model_name, "bits": bits, "grid": "lsq" if lsq else grid,
            "group_size": None if bits == 1.58 else (32 if bits == 4 else group_size),
@@ -263,7 +264,8 @@ def qat_record(model_name: str = DEFAULT_MODEL, *, bits=2, group_size: int | Non
     if time_steps:
         from edgellm.train import train_windows
 
-        rec.update(step_times(base, train_windows(tokens, batch_size, seq_len, seed),
+        first = train_windows(tokens, batch_size, seq_len, seed)
+        rec.update(step_times(base, first.to(next(base.parameters()).device),
                               bits=bits, group_size=group_size, repeats=time_steps))
     model = copy.deepcopy(base)
     out_train = qat_train(model, tokens, bits=bits, group_size=group_size, steps=steps,

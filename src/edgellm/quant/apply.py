@@ -303,8 +303,8 @@ def quantize_model(model, tok=None, *, method: str = "rtn", bits: int = 4,
 def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
                     eval_settings: EvalSettings | None = None, out: str | None = None,
                     save_clips: str | None = None, seed: int = 0, progress: bool = False,
-                    **settings) -> dict:
-    """Load ``model_name``, quantize it (``settings``: :func:`quantize_model`'s keywords), save
+                    device: str | None = None, **settings) -> dict:
+    """Load ``model_name`` on ``device`` (:func:`edgellm.models.load_model`), quantize it (``settings``: :func:`quantize_model`'s keywords), save
     it to ``out`` and the LWC clips to ``save_clips`` if given, and with ``evaluate`` score it
     against the unquantized model (:func:`edgellm.metrics.evaluate_paired`): the record
     ``edgellm quantize`` prints.  ``size_bytes`` is the packed size; the process holds
@@ -325,7 +325,7 @@ def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
 
         raise QuantError("--out saves the packed codes and scales only, not LoRC's factors; "
                          "drop --out or --lorc-rank")
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device=device)
     res = quantize_model(model, tok, seed=seed, progress=progress, **settings)
     info = res.info
     if save_clips:
@@ -345,7 +345,7 @@ def quantize_record(model_name: str = DEFAULT_MODEL, *, evaluate: bool = False,
                                 meta={"method": info["method"], **info, "model": model_name})
         rec.update(out=str(out), file_bytes=os.path.getsize(folder / WEIGHTS))
     if evaluate:
-        reference, _ = load_model(model_name, quiet=True)
+        reference, _ = load_model(model_name, quiet=True, device=device)
         change = max_weight_change(model, reference)
         rec.update(max_abs_weight_change=change, lossless=change == 0.0)
         merge(rec, evaluate_paired(model, reference, tok, progress=progress,
@@ -437,7 +437,7 @@ def production_record(model_name: str = DEFAULT_MODEL, *, library: str = "bnb",
     ev = eval_settings or EvalSettings()
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, tok = load_model(model_name, quiet=not progress)
+    model, tok = load_model(model_name, quiet=not progress, device="cpu")  # CPU backends
     seconds_load_base = time.perf_counter() - t0
     rec = {"memory_bytes_base": memory_bytes(model)}
     info = quantize_production(model, library=library, mode=mode, double_quant=double_quant,
@@ -449,7 +449,7 @@ def production_record(model_name: str = DEFAULT_MODEL, *, library: str = "bnb",
         n = sum(lin.weight.numel() for lin in linear_layers(model).values())
         rec["size_bytes"] = rec["memory_bytes"] - rec["memory_bytes_linears"] + round(
             n * info["bpw"] / 8)
-    reference, _ = load_model(model_name, quiet=True)
+    reference, _ = load_model(model_name, quiet=True, device="cpu")
     tokens = get_tokens(ev.data, tok, ev.split, ev.max_tokens)
     rec.update(ppl=None, ppl_base=None, kl_mean=None, top1_agreement=None,
                n_tokens=None, protocol=ev.protocol, ctx=ev.ctx, data=ev.data)
