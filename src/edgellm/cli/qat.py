@@ -32,6 +32,15 @@ from edgellm.cli.common import (
     parse_group_size,
 )
 
+AUTO = -1  # --group-size not given: 64 at 2-3 bits, 32 at 4 bits, per tensor at 1.58
+
+
+def group_size_for(bits, given):
+    """``--group-size`` as given, or the default of ``bits``."""
+    if given != AUTO:
+        return given
+    return {4: 32, 1.58: None}.get(bits, 64)
+
 
 def add_parsers(sub) -> None:
     from edgellm.qat.apply import INITS, LOSSES, PTQ_METHODS
@@ -40,8 +49,9 @@ def add_parsers(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arg(p)
     p.add_argument("--bits", default="2", help="1.58 (BitNet ternary), 2, 3 or 4 (Q4_0 grid)")
-    p.add_argument("--group-size", type=parse_group_size, default=64,
-                   help="weights per scale at 2-3 bits (4 bits: 32; 1.58: per tensor)")
+    p.add_argument("--group-size", type=parse_group_size, default=AUTO,
+                   help="weights per scale at 2-3 bits (default 64); 4 bits: 32 (Q4_0); "
+                        "1.58: ignored (one scale per tensor)")
     p.add_argument("--lsq", action="store_true", help="learned step sizes (LSQ) at 2-3 bits")
     p.add_argument("--steps", type=int, default=100, help="AdamW steps (cosine schedule)")
     p.add_argument("--batch-size", type=int, default=4, help="training windows per step")
@@ -77,10 +87,11 @@ def add_parsers(sub) -> None:
 def check_args(args):
     """Every flag checked before a model is loaded; returns the parsed bits."""
     from edgellm.data import load_text
-    from edgellm.qat.apply import check_options
+    from edgellm.qat.apply import check_options, parse_bits
     from edgellm.qat.fake import QATError
     from edgellm.train import check_settings
 
+    args.group_size = group_size_for(parse_bits(args.bits), args.group_size)
     bits = check_options(bits=args.bits, group_size=args.group_size, steps=args.steps,
                          ramp=args.ramp, lsq=args.lsq, ptq_method=args.ptq_method,
                          loss=args.loss, curve_every=args.curve_every, init=args.init)

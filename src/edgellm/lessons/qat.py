@@ -163,3 +163,54 @@ def torch_q4_0_codes(w: torch.Tensor) -> torch.Tensor:
     fq = torch.fake_quantize_per_channel_affine(groups * sign, safe, zp, 0, -8, 7) * sign
     return (fq / torch.where(d == 0, torch.ones_like(d), d).unsqueeze(-1)).round() \
         .reshape(out, n).to(torch.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# the widget: the Pareto plot with the budget's limits on sliders
+
+
+def within(rows: list[dict], *, max_mib: float, max_ppl_ratio: float,
+           min_tokens_per_s: float = 0.0) -> list[dict]:
+    """The rows whose size, perplexity ratio and (when asked, measured) decode speed fit."""
+    return [r for r in rows if r["size_bytes"] <= max_mib * 2**20
+            and r["ppl_ratio"] <= max_ppl_ratio
+            and (min_tokens_per_s <= 0 or (r["decode_tokens_per_s"] or 0) >= min_tokens_per_s)]
+
+
+def pareto_widget(rows: list[dict] | None = None):
+    """Sliders for a device's size (MiB), perplexity ratio and decode speed over
+    :func:`edgellm.lessons.capstone.plot_pareto`: how many recorded results fit, and the
+    smallest that does."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from edgellm.lessons import capstone as C
+
+    rows = C.pareto_rows() if rows is None else rows
+    out = W.Output()
+    size = W.FloatLogSlider(value=64, base=2, min=4, max=10, step=0.25, description="≤ MiB")
+    ratio = W.FloatSlider(value=1.6, min=1.0, max=4.0, step=0.05, description="PPL ≤ ×")
+    speed = W.FloatSlider(value=0, min=0, max=300, step=10, description="tok/s ≥")
+
+    def draw(*_):
+        fit = within(rows, max_mib=size.value, max_ppl_ratio=ratio.value,
+                     min_tokens_per_s=speed.value)
+        with out:
+            out.clear_output(wait=True)
+            fig = C.plot_pareto(rows)
+            ax = fig.axes[0]
+            ax.axvline(size.value * 2**20, color="k", lw=2)
+            ax.axhline(ratio.value, color="k", lw=2)
+            display(fig)
+            plt.close(fig)
+            best = min(fit, key=lambda r: r["size_bytes"], default=None)
+            print(f"{len(fit)} of {len(rows)} recorded results fit"
+                  + (f"; the smallest: {best['size_bytes'] / 2**20:.1f} MiB, PPL "
+                     f"{best['ppl_ratio']:.2f}× — {best['label']}" if best else ""))
+
+    for w in (size, ratio, speed):
+        w.observe(draw, names="value")
+    draw()
+    display(W.VBox([W.HBox([size, ratio, speed]), out]))
+    return out
