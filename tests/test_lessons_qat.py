@@ -108,3 +108,41 @@ def test_bitnet_statements_match_the_record():
     assert f"({r['size_bytes_embedding'] / 2**20:.1f} MiB, " \
            f"{r['size_bytes_embedding'] / r['size_bytes'] * 100:.0f} %)" in text
     assert "1.60 bits per weight" in text and r["bpw"] == pytest.approx(1.6, abs=1e-3)
+
+
+def test_pipeline_statements_match_the_record():
+    recs = load_sweep("13_pipeline")["records"]
+    run = next(r for r in recs if "verdicts" not in r)
+    g = next(r for r in recs if "verdicts" in r)
+    text = _markdown()
+    steps = run["seconds_per_step"]
+    assert f"end to end in **{run['seconds']:.0f} s**" in text
+    assert sum(steps.values()) <= run["seconds"] <= 15 * 60     # the goal, as recorded
+    parts = [f"{k} {v:.0f} s" for k, v in zip(("KD", "LoRA"), steps.values())]
+    assert all(p in text for p in parts)
+    assert f"**{g['size_bytes']:,} bytes** ({g['size_bytes'] / 2**20:.1f}\nMiB)" in text
+    assert f"Perplexity {g['ppl']:.2f} against {g['ppl_base']:.2f}, **{g['ppl_ratio']:.3f}×**" in text
+    v = g["verdicts"]
+    assert f"ΔNLL +{g['delta_nll']:.3f} ± {g['delta_nll_stderr']:.3f}" in text
+    assert v["delta_nll"]["verdict"] == "not resolved" and v["delta_nll"]["ok"]
+    assert f"accuracy {g['accuracy']:.3f} ± {g['accuracy_se']:.3f}" in text
+    assert f"paired +{g['accuracy_delta']:.3f} ± {g['accuracy_delta_se']:.3f}: not resolved" in text
+    assert f"{g['decode_tokens_per_s']:.1f} tokens/s against {v['decode_tokens_per_s']['limit']:.0f}" \
+           in text
+    assert g["within_budget"] and f"(score {g['score']:.1f})" in text
+    assert f"KL to fp32 is {g['kl_mean']:.2f} and top-1 agreement {g['top1_agreement'] * 100:.0f} %" \
+           in text
+
+
+def test_pareto_statements_match_the_records():
+    from edgellm.lessons import capstone as C
+
+    rows = C.pareto_rows()
+    text = _markdown()
+    assert f"{len(rows)} recorded results have a size and a quality" in text
+    small = [r for r in rows if r["size_bytes"] <= 64 * 2**20]
+    assert len(small) == 1 and small[0]["sweep"] == "13_pipeline"
+    ok = sorted((r for r in rows if r["ppl_ratio"] <= 1.6), key=lambda r: r["size_bytes"])
+    assert ok[0]["sweep"] == "13_pipeline" and "IQ2_XXS" in ok[1]["label"]
+    assert f"IQ2_XXS file at {ok[1]['size_bytes'] / 2**20:.1f} MiB ({ok[1]['ppl_ratio']:.2f}×)" in text
+    assert Q.within(rows, max_mib=63, max_ppl_ratio=1.6) == []
