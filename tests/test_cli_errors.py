@@ -238,26 +238,32 @@ def _argv(name: str, argv: list[str], tmp_path: Path) -> list[str]:
     return [*name.split(), *(a.replace("{tmp}", str(tmp_path)) for a in argv)]
 
 
-@pytest.mark.parametrize("name,argv", CASES, ids=[f"{n} {' '.join(a)}" for n, a in CASES])
-def test_bad_input_is_one_message_exit_2_before_any_model_load(name, argv, tmp_path, monkeypatch,
-                                                                capsys):
-    """In process, so every case is cheap: an exception escaping ``main`` is what prints a
-    traceback from the real command; a model load before the error is refused."""
+def run_main_without_model(argv, monkeypatch, capsys, tmp_path) -> tuple[int, str]:
+    """``edgellm.cli.main(argv)`` in ``tmp_path`` (with the bad files) with every model load
+    refused: its exit code and what it printed to stderr."""
     from edgellm import models
     from edgellm.cli import main
 
     def no_load(*a, **k):
-        raise AssertionError("a model was loaded before the bad input was rejected")
+        raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(models, "load_model", no_load)
     monkeypatch.setattr(models, "ensure_cached", no_load)
     monkeypatch.chdir(tmp_path)
     _bad_files(tmp_path)
     try:
-        code = main(_argv(name, argv, tmp_path))
+        code = main(argv)
     except SystemExit as e:  # argparse's own errors
         code = e.code
-    err = capsys.readouterr().err
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,argv", CASES, ids=[f"{n} {' '.join(a)}" for n, a in CASES])
+def test_bad_input_is_one_message_exit_2_before_any_model_load(name, argv, tmp_path, monkeypatch,
+                                                                capsys):
+    """In process, so every case is cheap: an exception escaping ``main`` is what prints a
+    traceback from the real command; a model load before the error is refused."""
+    code, err = run_main_without_model(_argv(name, argv, tmp_path), monkeypatch, capsys, tmp_path)
     assert code == 2, err
     assert "error" in err and len(err.strip()) > 20, err
 

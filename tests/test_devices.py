@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids
-from test_cli_errors import _argv, _bad_files, subcommands
+from test_cli_errors import _argv, run_main_without_model, subcommands
 
-from edgellm.cli import build_parser, main
+from edgellm.cli import build_parser
 from edgellm.devices import (
     DeviceError,
     check_cpu_only,
@@ -326,20 +326,7 @@ def test_every_subcommand_that_loads_a_model_takes_device():
 
 
 def _run_main(argv, monkeypatch, capsys, tmp_path) -> tuple[int, str]:
-    from edgellm import models
-
-    def no_load(*a, **k):
-        raise AssertionError("a model was loaded before the device was checked")
-
-    monkeypatch.setattr(models, "load_model", no_load)
-    monkeypatch.setattr(models, "ensure_cached", no_load)
-    monkeypatch.chdir(tmp_path)
-    _bad_files(tmp_path)
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
+    return run_main_without_model(argv, monkeypatch, capsys, tmp_path)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has a CUDA GPU")
