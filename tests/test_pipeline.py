@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -440,3 +441,29 @@ def test_the_reference_recipe_meets_the_phone_budget():
     assert rec["decode_tokens_per_s"] > 0
     assert rec["speed_protocol"]["decode_tokens_per_s"]["name"] == "decode"
     assert rec["within_budget"] == table["decode_tokens_per_s"]["ok"]
+
+
+@pytest.mark.integration
+@pytest.mark.llamacpp
+def test_a_qat_step_exports_bit_for_bit_as_q4_0():
+    """qat → export for real (1 QAT step): the file holds our QAT codes as Q4_0 blocks, every
+    one checked against the blocks written, and the saved codes are the Q4_0 codes of the
+    weights they decode to (what QAT ends on is on llama.cpp's grid)."""
+    import torch
+
+    from edgellm.quant.gguf_formats import quantize_gguf
+    from edgellm.quant.save import load_quantized
+
+    recipe = check_recipe({"name": "qat-smoke", "steps": [
+        {"kind": "qat", "steps": 1, "batch_size": 1, "seq_len": 32}, {"kind": "export"}]})
+    for n in (1, 2):  # always run for real: the code under test may have changed
+        shutil.rmtree(apply.run_dir(recipe, n), ignore_errors=True)
+    run = apply.run_recipe(recipe)
+    qat_rec, export_rec = run["steps"]["01-qat"], run["steps"]["02-export"]
+    assert qat_rec["bits"] == 4 and qat_rec["grid"] == "q4_0" and qat_rec["group_size"] == 32
+    assert export_rec["type_counts"] == {"Q4_0": 210} and export_rec["blocks_checked"] > 0
+    folder = apply.run_dir(recipe, 1) / "01-qat" / "model"
+    model, _, qts = load_quantized(folder)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.17.mlp.up_proj"):
+        again = quantize_gguf(model.get_submodule(name).weight, "Q4_0")
+        assert torch.equal(again.codes, qts[name].codes)

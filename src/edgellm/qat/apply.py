@@ -318,7 +318,8 @@ def qat_record(model_name: str = DEFAULT_MODEL, *, bits=2, group_size: int | Non
         from edgellm.quant.save import save_quantized
 
         save_quantized(model, out_train["qtensors"], out, tok,
-                       meta={"method": "qat", "bits": bits, "group_size": rec["group_size"],
+                       meta={"method": "qat", "model": model_name, "bits": bits,
+                             "group_size": rec["group_size"],
                              "sym": bits == 4 or lsq})
         rec["out"] = str(out)
     rec["seconds"] = time.perf_counter() - t_start

@@ -120,9 +120,13 @@ def finalize(model: nn.Module) -> dict:
             qt = QTensor(lsq_codes(w, scale, m.lsq_bits), scale, torch.zeros_like(scale),
                          tuple(w.shape), m.lsq_bits, m.group_size, True, "int", 16)
         elif m.grid == "q4_0":
+            from dataclasses import replace
+
             from edgellm.quant.gguf_formats import quantize_gguf
 
-            qt = quantize_gguf(w, "Q4_0")
+            # llama.cpp's Q4_0 codes as a plain signed 4-bit integer tensor (codes −8 … 7, fp16
+            # scale per 32): what `edgellm quantize --out` saves and the export writes as Q4_0
+            qt = replace(quantize_gguf(w, "Q4_0"), fmt="int")
         elif m.grid == "ternary":
             from edgellm.qat.bitnet import absmean_ternary
 
