@@ -58,15 +58,15 @@ def test_qat_table_and_verdicts():
     assert [r["bits"] for r in rows] == [2, 3]
     assert rows[0]["vs_ptq_verdict"] == "lower" and rows[0]["vs_control_verdict"] == "not resolved"
     t = Q.format_qat_table(rows)
-    assert "| 2 | 9.50 | 200.0 | 150.0 | 60.0 | -1.200 ± 0.020 (lower) | -0.900 ± 0.500 " \
+    assert "| 2, min-max | 9.50 | 200.0 | 150.0 | 60.0 | -1.200 ± 0.020 (lower) | -0.900 ± 0.500 " \
            "(not resolved) | 40% | 90.0 MiB |" in t
     assert Q.plot_curve(rows[0] | {"ppl_base": 9.5}) is not None
 
 
 def test_qat_statements_match_the_record():
-    rows = {r["bits"]: r for r in Q.qat_rows(load_sweep("13_qat")["records"])}
-    assert set(rows) == {2, 3}
-    two, three = rows[2], rows[3]
+    rows = {(r["bits"], r["grid"]): r for r in Q.qat_rows(load_sweep("13_qat")["records"])}
+    assert set(rows) == {(2, "minmax"), (3, "minmax"), (3, "lsq")}
+    two, three, lsq = rows[2, "minmax"], rows[3, "minmax"], rows[3, "lsq"]
     text = _markdown()
     assert f"PPL {two['ppl_ptq']:.0f}\nagainst {two['ppl_base']:.2f} in fp32 (ΔNLL " \
            f"+{two['delta_nll_ptq']:.2f})" in text
@@ -82,10 +82,15 @@ def test_qat_statements_match_the_record():
            f"below\nPTQ, {three['recovered'] * 100:.0f} % recovered)" in text
     assert f"+{three['vs_control']:.3f} ± {three['vs_control_se']:.3f}: **not\nresolved**" in text
     assert three["vs_control_verdict"] == "not resolved"
-    recs = {r["bits"]: r for r in load_sweep("13_qat")["records"]}
+    recs = {r["bits"]: r for r in load_sweep("13_qat")["records"] if r["grid"] == "minmax"}
     assert f"KL to the fp32 model, {recs[3]['kl_mean']:.3f}, is *higher* than PTQ's\n" \
            f"{recs[3]['kl_mean_ptq']:.3f}" in text
     assert f"(KL {recs[2]['kl_mean_ptq']:.2f} → {recs[2]['kl_mean']:.2f})" in text
+    assert f"LSQ ends at PPL\n{lsq['ppl']:.1f}: {lsq['vs_ptq']:+.3f} ± {lsq['vs_ptq_se']:.3f} against " \
+           f"PTQ" in text and lsq["vs_ptq_verdict"] == "higher"
+    raw = next(r for r in load_sweep("13_qat")["records"] if r["grid"] == "lsq")
+    assert f"loss was {raw['loss_first']:.1f}" in text and f"(loss {raw['loss_last']:.2f})" in text
+    assert f"{raw['bpw']:.2f} bits per weight against {recs[3]['bpw']:.1f}" in text
 
 
 def test_bitnet_statements_match_the_record():

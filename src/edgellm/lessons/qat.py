@@ -39,7 +39,7 @@ def qat_rows(records: list[dict]) -> list[dict]:
             "recovered": r.get("ptq_loss_recovered"), "kl_mean": r.get("kl_mean"),
             "size_bytes": r.get("size_bytes"), "bpw": r.get("bpw"),
             "n_tokens": r.get("n_tokens"), "curve": r.get("curve") or []})
-    return sorted(rows, key=lambda x: x["bits"])
+    return sorted(rows, key=lambda x: (x["bits"], x["grid"] or ""))
 
 
 def _f(x, fmt="{:.2f}") -> str:
@@ -49,11 +49,12 @@ def _f(x, fmt="{:.2f}") -> str:
 def format_qat_table(rows: list[dict]) -> str:
     """Markdown: bits, PPL of fp32 / PTQ / control / QAT, ΔNLL QAT − PTQ and QAT − control with
     ± 2·SE verdicts, share of PTQ's ΔNLL recovered, size."""
-    out = ["| bits | fp32 | PTQ | control (fp32 FT → PTQ) | QAT | QAT − PTQ (ΔNLL) | "
+    out = ["| bits, grid | fp32 | PTQ | control (fp32 FT → PTQ) | QAT | QAT − PTQ (ΔNLL) | "
            "QAT − control | PTQ's loss recovered | size |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        grid = {"minmax": "min-max", "lsq": "LSQ", "ternary": "ternary", "q4_0": "Q4_0"}
         out.append(
-            f"| {r['bits']} | {r['ppl_base']:.2f} | {r['ppl_ptq']:.1f} | "
+            f"| {r['bits']}, {grid.get(r['grid'], r['grid'])} | {r['ppl_base']:.2f} | {r['ppl_ptq']:.1f} | "
             f"{_f(r['ppl_control'], '{:.1f}')} | {r['ppl']:.1f} | "
             f"{_f(r['vs_ptq'], '{:+.3f}')} ± {_f(r['vs_ptq_se'], '{:.3f}')} "
             f"({r['vs_ptq_verdict']}) | {_f(r['vs_control'], '{:+.3f}')} ± "
