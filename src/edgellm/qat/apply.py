@@ -185,6 +185,15 @@ def qat_train(model, tokens, *, bits, group_size: int | None = 64, steps: int = 
     return {"qtensors": finalize(model), "train": res, "curve": curve}
 
 
+def fp32_copy(model):
+    """A copy of ``model`` that trains what QAT trains (every parameter but the embedding and
+    the tied lm_head), without a quantizer: the plain step and the control."""
+    out = copy.deepcopy(model)
+    for name, p in out.named_parameters():
+        p.requires_grad_("embed" not in name and "lm_head" not in name)
+    return out
+
+
 def step_times(model, batch: torch.Tensor, *, bits, group_size: int | None = 64,
                repeats: int = 3, lr: float = 5e-5) -> dict:
     """Seconds of one plain fp32 training step and one QAT step on ``batch`` (B, T), each the
@@ -206,9 +215,7 @@ def step_times(model, batch: torch.Tensor, *, bits, group_size: int | None = 64,
         m.eval()
         return sorted(times)[len(times) // 2]
 
-    plain = copy.deepcopy(model)
-    for name, p in plain.named_parameters():
-        p.requires_grad_("embed" not in name and "lm_head" not in name)
+    plain = fp32_copy(model)
     t_plain = median_step(plain)
     del plain
     fq = copy.deepcopy(model)
@@ -301,9 +308,7 @@ def qat_record(model_name: str = DEFAULT_MODEL, *, bits=2, group_size: int | Non
     if control:
         from edgellm.train import train
 
-        ctl = copy.deepcopy(base)
-        for name, prm in ctl.named_parameters():
-            prm.requires_grad_("embed" not in name and "lm_head" not in name)
+        ctl = fp32_copy(base)
         train(ctl, tokens, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
               schedule="cosine", max_grad_norm=1.0, seed=seed, progress=progress,
               desc="control (fp32)")

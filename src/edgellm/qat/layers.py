@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.qat.fake import QATError, absmax_act, quantize_weight, ste
+from edgellm.quant.modules import replace_module
 
 
 class FakeQuantLinear(nn.Module):
@@ -59,11 +60,6 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def prepare(model: nn.Module, *, grid: str = "minmax", bits: int = 2,
             group_size: int | None = 64, a_bits: int | None = None,
             lsq: bool = False) -> dict[str, FakeQuantLinear]:
@@ -86,7 +82,7 @@ def prepare(model: nn.Module, *, grid: str = "minmax", bits: int = 2,
     for name, lin in linears.items():
         layer = FakeQuantLinear(lin, grid=grid, bits=bits, group_size=group_size, a_bits=a_bits,
                                 lsq_bits=bits if lsq else None)
-        _set(model, name, layer)
+        replace_module(model, name, layer)
         layer.weight.requires_grad_(True)
         layers[name] = layer
     for name, p in model.named_parameters():  # norms train too; the embedding does not
@@ -145,7 +141,7 @@ def finalize(model: nn.Module) -> dict:
         if m.a_bits:
             bits = m.a_bits
             lin.register_forward_pre_hook(lambda mod, args, b=bits: (absmax_act(args[0], b),))
-        _set(model, name, lin)
+        replace_module(model, name, lin)
         qts[name] = qt
     for p in model.parameters():
         p.requires_grad_(False)
