@@ -299,7 +299,8 @@ def qat_record(model_name: str = DEFAULT_MODEL, *, bits=2, group_size: int | Non
             "top1_agreement", "n_tokens", "protocol", "ctx", "data", "split", "data_sha256",
             "max_tokens", "chunks") if k in after})
         p = evaluate_paired(pq, base, tok, **kw)
-        rec.update(ppl_ptq=p["ppl"], kl_mean_ptq=p["kl_mean"], delta_nll_ptq=p["delta_nll"],
+        rec.update(ppl_ptq=p["ppl"], kl_mean_ptq=p["kl_mean"], kl_stderr_ptq=p["kl_stderr"],
+                   delta_nll_ptq=p["delta_nll"],
                    delta_nll_ptq_stderr=p["delta_nll_stderr"])
         v = evaluate_paired(model, pq, tok, **kw)  # paired: QAT − PTQ on the same tokens
         rec.update(delta_nll_vs_ptq=v["delta_nll"], delta_nll_vs_ptq_stderr=v["delta_nll_stderr"])
